@@ -1,0 +1,263 @@
+"""Loads Hugging Face checkpoints (LLaVA, CLIP vision, LLaMA) into our Flax modules, without torch.
+
+The model is built abstractly (`nnx.eval_shape`), each parameter is read from the memory-mapped
+safetensors and cast to `param_dtype`, and only parameters the checkpoint lacks by design (a
+fresh prior projector, LoRA adapters) are initialised, by a jitted init whose unused outputs XLA
+drops. Every checkpoint key must be used, and every parameter found, or the load fails naming the
+file and key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from emola_jax.conversion import hf_mapping
+from emola_jax.conversion.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from emola_jax.model.clip import ClipVisionTower
+from emola_jax.model.config import EmolaConfig, LoraConfig, TextConfig, VisionConfig
+from emola_jax.model.emola import EmolaModel
+from emola_jax.model.llama import LlamaForCausalLM
+
+# Written beside the weights by our HF export; its fields restore the prior token.
+PRIOR_PROJECTOR_FILE = "prior_projector"
+EMOLA_CONFIG_KEY = "emola"
+
+
+def read_json(path: str) -> dict[str, Any]:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise CheckpointError(f"{path}: file not found") from None
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: malformed JSON ({e})") from None
+
+
+def vision_config_from_hf(v: dict[str, Any], select_layer: int = -2) -> VisionConfig:
+  return VisionConfig(hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+                      num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
+                      image_size=v["image_size"], patch_size=v["patch_size"],
+                      num_channels=v.get("num_channels", 3),
+                      layer_norm_eps=v.get("layer_norm_eps", 1e-5),
+                      hidden_act=v.get("hidden_act", "quick_gelu"), select_layer=select_layer)
+
+
+def text_config_from_hf(t: dict[str, Any]) -> TextConfig:
+  rope = t.get("rope_parameters") or {}
+  theta = rope.get("rope_theta", t.get("rope_theta", 10000.0))
+  scaling = t.get("rope_scaling")
+  if scaling is None and rope.get("rope_type", "default") != "default":
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+  if t.get("hidden_act", "silu") != "silu":
+    raise CheckpointError(f"text_config.hidden_act={t['hidden_act']!r}: LLaMA blocks use silu")
+  return TextConfig(
+      vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
+      intermediate_size=t["intermediate_size"], num_layers=t["num_hidden_layers"],
+      num_heads=t["num_attention_heads"],
+      num_kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
+      head_dim=t.get("head_dim"), rms_norm_eps=t.get("rms_norm_eps", 1e-6), rope_theta=theta,
+      rope_scaling=scaling, max_position_embeddings=t.get("max_position_embeddings", 4096),
+      tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
+      attention_bias=bool(t.get("attention_bias", False)), mlp_bias=bool(t.get("mlp_bias", False)),
+      pad_token_id=t.get("pad_token_id") or 0, bos_token_id=t.get("bos_token_id", 1),
+      eos_token_id=t.get("eos_token_id", 2))
+
+
+def config_from_hf(hf: dict[str, Any], **overrides) -> EmolaConfig:
+  """An EmolaConfig from a `transformers` LlavaConfig dict (plus our `emola` fields if present).
+
+  Without `emola` fields the model is plain LLaVA (`prior_position="none"`); `overrides` (dotted
+  names allowed, e.g. `prior_position="after"`) change any field.
+  """
+  if hf.get("model_type") != "llava":
+    raise CheckpointError(f"model_type {hf.get('model_type')!r} is not 'llava'")
+  layer = hf.get("vision_feature_layer", -2)
+  if not isinstance(layer, int):
+    raise CheckpointError(f"vision_feature_layer={layer!r}: only a single layer is supported")
+  if hf.get("vision_feature_select_strategy", "default") != "default":
+    raise CheckpointError("vision_feature_select_strategy must be 'default' (patch tokens, no CLS)")
+  if hf.get("projector_hidden_act", "gelu") != "gelu" or not hf.get("multimodal_projector_bias",
+                                                                     True):
+    raise CheckpointError("only LLaVA-1.5's projector (Linear-GELU-Linear with biases) is supported")
+  emola = hf.get(EMOLA_CONFIG_KEY, {})
+  cfg = EmolaConfig(
+      vision=vision_config_from_hf(hf["vision_config"], layer),
+      text=text_config_from_hf(hf["text_config"]),
+      projector_type="mlp2x_gelu",
+      prior_position=emola.get("prior_position", "none"),
+      prior_dim=emola.get("prior_dim", 212),
+      image_token_index=hf.get("image_token_index", hf.get("image_token_id", 32000)))
+  return cfg.replace(**overrides) if overrides else cfg
+
+
+def _read_param(row: hf_mapping.Row, shape: tuple[int, ...], dtype,
+                sources: list[tuple[SafetensorsCheckpoint, hf_mapping.Layout]], used: list[set]):
+  """The parameter `row` from the first source that has it, or None if none does."""
+  for (checkpoint, layout), used_keys in zip(sources, used):
+    key0 = layout.key(row, 0 if row.stacked else None)
+    if key0 is None or key0 not in checkpoint:
+      continue
+    if not row.stacked:
+      tensor = hf_mapping.to_ours(row, checkpoint.get(key0))
+      hf_mapping.check_shape(row, key0, checkpoint.where(key0), tensor.shape, shape)
+      used_keys.add(key0)
+      return np.asarray(tensor, dtype)
+    out = np.empty(shape, dtype)
+    for i in range(shape[0]):
+      key = layout.key(row, i)
+      if key not in checkpoint:
+        raise CheckpointError(f"{checkpoint.directory}: missing tensor {key!r} (layer {i} of "
+                              f"{shape[0]})")
+      tensor = hf_mapping.to_ours(row, checkpoint.get(key))
+      hf_mapping.check_shape(row, key, checkpoint.where(key), tensor.shape, shape[1:])
+      out[i] = tensor
+      used_keys.add(key)
+    return out
+  return None
+
+
+def _build(make_module, sources: list[tuple[SafetensorsCheckpoint, hf_mapping.Layout]], dtype,
+           fresh_ok, seed: int, allowed_unused=lambda key: False):
+  """Builds `make_module(rngs)` with its parameters read from `sources` (first match wins).
+
+  Parameters no source holds must satisfy `fresh_ok(name)`; they are initialised from `seed`.
+  Every source key must be used (or be an ignorable buffer / `allowed_unused`).
+  """
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: make_module(nnx.Rngs(seed))))
+  flat = dict(nnx.to_flat_state(state))
+  used: list[set] = [set() for _ in sources]
+  fresh = []
+  for path, var in flat.items():
+    name = ".".join(map(str, path))
+    row = hf_mapping.BY_OURS.get(name)
+    value = None if row is None else _read_param(row, tuple(var.shape), dtype, sources, used)
+    if value is not None:
+      flat[path] = var.replace(jnp.asarray(value))
+    elif fresh_ok(name):
+      fresh.append(path)
+    else:
+      expected = [layout.key(row, 0 if row.stacked else None) for _, layout in sources] if row else []
+      raise CheckpointError(f"{', '.join(c.directory for c, _ in sources)}: no tensor for "
+                            f"parameter {name} (looked for {[k for k in expected if k]})")
+  for (checkpoint, _), used_keys in zip(sources, used):
+    unused = [k for k in checkpoint.keys() if k not in used_keys
+              and not k.endswith(hf_mapping.IGNORED_SUFFIXES) and not allowed_unused(k)]
+    if unused:
+      raise CheckpointError(f"{checkpoint.where(unused[0])}: unexpected tensor(s) that no "
+                            f"parameter of this model config uses: {unused[:5]}"
+                            + (f" and {len(unused) - 5} more" if len(unused) > 5 else ""))
+  if fresh:
+    wanted = set(fresh)
+
+    @jax.jit
+    def init_fresh():
+      module = make_module(nnx.Rngs(seed))
+      return {p: v[...] for p, v in nnx.to_flat_state(nnx.state(module)) if p in wanted}
+
+    for path, value in init_fresh().items():
+      flat[path] = flat[path].replace(value)
+    logging.info("initialised fresh: %s", sorted(".".join(map(str, p)) for p in fresh))
+  return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
+
+
+def _is_fresh_ok(name: str) -> bool:
+  return ".lora_" in name or name.startswith("prior_projector.")
+
+
+def load_pretrained(path: str, *, vision_path: str | None = None, seed: int = 0,
+                    **overrides) -> tuple[nnx.Module, Any]:
+  """Loads a `transformers` checkpoint directory; returns (model, config).
+
+  `path` may hold a `LlavaForConditionalGeneration` (-> `EmolaModel`, `EmolaConfig`), a
+  `CLIPVisionModel` (-> `ClipVisionTower`, `VisionConfig`) or a `LlamaForCausalLM`
+  (-> `LlamaForCausalLM`, `TextConfig`), saved with `save_pretrained` as one or several safetensors
+  files. For a LLaMA directory, `vision_path` (a CLIP directory) composes a full EmolaModel whose
+  projectors start fresh, as for LLaVA stage-1 pre-training. `overrides` change model config
+  fields (for LLaVA: e.g. `prior_position="after"`, `dtype="bfloat16"`, `lora={"rank": 8}`).
+  """
+  hf = read_json(os.path.join(path, "config.json"))
+  model_type = hf.get("model_type")
+  checkpoint = SafetensorsCheckpoint(path)
+  layout = hf_mapping.find_layout(checkpoint.keys())
+  if model_type == "llava":
+    cfg = config_from_hf(hf, **_lora_override(overrides))
+    sources = [(checkpoint, layout)]
+    prior_file = os.path.join(path, f"{PRIOR_PROJECTOR_FILE}.safetensors")
+    if cfg.has_prior and os.path.exists(prior_file):
+      prior = SafetensorsCheckpoint(path, prefix=PRIOR_PROJECTOR_FILE)
+      sources.append((prior, hf_mapping.find_layout(prior.keys())))
+    model = _build(lambda r: EmolaModel(cfg, rngs=r), sources, cfg.param_dtype, _is_fresh_ok, seed)
+    return model, cfg
+  if model_type in ("clip_vision_model", "clip"):
+    v = hf.get("vision_config", hf) if model_type == "clip" else hf
+    vcfg = vision_config_from_hf(v, overrides.pop("select_layer", -2))
+    dtype = overrides.pop("param_dtype", "float32")
+    kwargs = _module_kwargs(overrides)
+    model = _build(lambda r: _Holder(vision_tower=ClipVisionTower(
+                       vcfg, param_dtype=jnp.dtype(dtype), rngs=r, **kwargs)),
+                   [(checkpoint, _only(layout, "vision"))], dtype, lambda _: False, seed,
+                   allowed_unused=lambda k: k.startswith(("text_model.", "visual_projection.",
+                                                          "text_projection.", "logit_scale")))
+    return model.vision_tower, vcfg
+  if model_type == "llama":
+    tcfg = text_config_from_hf(hf)
+    if vision_path is not None:
+      vision_hf = read_json(os.path.join(vision_path, "config.json"))
+      v = vision_hf.get("vision_config", vision_hf)
+      cfg = EmolaConfig(vision=vision_config_from_hf(v), text=tcfg).replace(
+          **_lora_override(overrides))
+      vision_ckpt = SafetensorsCheckpoint(vision_path)
+      sources = [(checkpoint, _only(layout, "text", "lm_head")),
+                 (vision_ckpt, _only(hf_mapping.find_layout(vision_ckpt.keys()), "vision"))]
+      fresh = lambda name: _is_fresh_ok(name) or name.startswith("projector.")
+      model = _build(lambda r: EmolaModel(cfg, rngs=r), sources, cfg.param_dtype, fresh, seed)
+      return model, cfg
+    lora = LoraConfig(**overrides.pop("lora", {}))
+    dtype = overrides.pop("param_dtype", "float32")
+    kwargs = _module_kwargs(overrides)
+    model = _build(lambda r: _Holder(language_model=LlamaForCausalLM(
+                       tcfg, lora, param_dtype=jnp.dtype(dtype), rngs=r, **kwargs)),
+                   [(checkpoint, _only(layout, "text", "lm_head"))], dtype,
+                   lambda n: ".lora_" in n, seed)
+    return model.language_model, tcfg
+  raise CheckpointError(f"{path}/config.json: model_type {model_type!r} is not one of llava, "
+                        "clip_vision_model, clip, llama")
+
+
+class _Holder(nnx.Module):
+  """Holds a part under its EmolaModel attribute name, so that it shares the table's paths."""
+
+  def __init__(self, **parts: nnx.Module):
+    for name, part in parts.items():
+      setattr(self, name, part)
+
+
+def _module_kwargs(overrides: dict[str, Any]) -> dict[str, Any]:
+  kwargs = {k: overrides.pop(k) for k in ("scan_layers", "remat_policy", "attention_impl")
+            if k in overrides}
+  if "dtype" in overrides:
+    kwargs["dtype"] = jnp.dtype(overrides.pop("dtype"))
+  if overrides:
+    raise TypeError(f"unknown options {sorted(overrides)}")
+  return kwargs
+
+
+def _lora_override(overrides: dict[str, Any]) -> dict[str, Any]:
+  """Turns `lora={...}` into the dotted form `EmolaConfig.replace` takes."""
+  overrides = dict(overrides)
+  for k, v in overrides.pop("lora", {}).items():
+    overrides[f"lora.{k}"] = tuple(v) if k == "targets" else v
+  return overrides
+
+
+def _only(layout: hf_mapping.Layout, *components: str) -> hf_mapping.Layout:
+  """The layout restricted to some components (a CLIP or LLaMA directory read for one part)."""
+  return hf_mapping.Layout({c: layout.prefixes.get(c) for c in components})

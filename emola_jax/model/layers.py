@@ -1,0 +1,123 @@
+"""Small building blocks shared by the vision tower, the projectors and the decoder.
+
+Every parameter is created with its logical axis names in the `out_sharding` metadata (read by
+`emola_jax.model.sharding`); parameters are stored in `param_dtype` and cast to the compute
+`dtype` where they are used, so bf16 compute keeps fp32 master weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def make_param(rngs: nnx.Rngs | None, init: Callable, shape: Sequence[int], axes: Axes,
+               dtype, kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
+  """A parameter initialised with `init(key, shape, dtype)` and tagged with logical axes."""
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {axes} do not match shape {tuple(shape)}")
+  key = rngs.params() if rngs is not None else jax.random.key(0)
+  return kind(init(key, tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def torch_linear_init(fan_in: int) -> Callable:
+  """PyTorch's nn.Linear default (kaiming-uniform with a=sqrt(5)): U(-1/sqrt(fan_in), +)."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel (+ bias), with an optional LoRA branch scale * dropout(x) @ A @ B."""
+
+  def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
+               use_bias: bool = True, lora_rank: int = 0, lora_alpha: float = 0.0,
+               lora_dropout: float = 0.0, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    init = torch_linear_init(in_features)
+    self.kernel = make_param(rngs, init, (in_features, out_features), axes, param_dtype)
+    self.bias = (make_param(rngs, init, (out_features,), (axes[1],), param_dtype)
+                 if use_bias else None)
+    self.lora_rank = lora_rank
+    self.lora_scale = lora_alpha / lora_rank if lora_rank else 0.0
+    self.lora_dropout = lora_dropout
+    if lora_rank:
+      # PEFT's initialisation: A like nn.Linear, B zero, so a new adapter starts as a no-op.
+      self.lora_a = make_param(rngs, init, (in_features, lora_rank), (axes[0], None), param_dtype,
+                               nnx.LoRAParam)
+      self.lora_b = make_param(rngs, nnx.initializers.zeros, (lora_rank, out_features),
+                               (None, axes[1]), param_dtype, nnx.LoRAParam)
+    else:
+      self.lora_a = self.lora_b = None
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+    x = x.astype(self.dtype)
+    y = x @ self.kernel[...].astype(self.dtype)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    if self.lora_a is not None:
+      h = x
+      if dropout_rng is not None and self.lora_dropout > 0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - self.lora_dropout, h.shape)
+        h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+      h = h @ self.lora_a[...].astype(self.dtype)
+      y = y + self.lora_scale * (h @ self.lora_b[...].astype(self.dtype))
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with scale and bias, computed in fp32."""
+
+  def __init__(self, dim: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.scale = make_param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
+    self.bias = make_param(rngs, nnx.initializers.zeros, (dim,), ("norm",), param_dtype)
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """LLaMA's RMSNorm: normalised in fp32, cast back, then scaled (as `transformers` does)."""
+
+  def __init__(self, dim: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.scale = make_param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+    return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]

@@ -1,0 +1,157 @@
+"""LLaMA decoder: embeddings, scanned decoder blocks with a KV cache, final norm and LM head.
+
+Blocks: RMSNorm -> grouped-query attention with rotary embeddings -> residual, RMSNorm -> SwiGLU
+MLP -> residual. LoRA adapters sit on the projections named in `LoraConfig.targets`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from emola_jax.model import sharding
+from emola_jax.model.attention import apply_rope, attention, causal_mask, rope_inverse_frequencies
+from emola_jax.model.config import LoraConfig, TextConfig
+from emola_jax.model.layers import Linear, RMSNorm, make_param
+from emola_jax.model.stack import create_stack, run_stack
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Keys/values of every layer for `max_len` slots, which slots hold tokens, and the next slot."""
+
+  k: jax.Array  # [layers, B, S, K, H]
+  v: jax.Array  # [layers, B, S, K, H]
+  valid: jax.Array  # bool [B, S]
+  index: jax.Array  # int32 scalar: the slot the next token is written to
+
+  @classmethod
+  def empty(cls, cfg: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+               jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+class DecoderBlock(nnx.Module):
+  """One LLaMA decoder layer."""
+
+  def __init__(self, cfg: TextConfig, lora: LoraConfig, *, dtype, param_dtype,
+               attention_impl: str, rngs: nnx.Rngs):
+    d, m, hd = cfg.hidden_size, cfg.intermediate_size, cfg.resolved_head_dim
+    q_dim, kv_dim = cfg.num_heads * hd, cfg.num_kv_heads * hd
+
+    def linear(name, n_in, n_out, axes, bias):
+      rank = lora.rank if name in lora.targets else 0
+      return Linear(n_in, n_out, axes, use_bias=bias, lora_rank=rank, lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    norm_kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.input_norm = RMSNorm(d, cfg.rms_norm_eps, **norm_kw)
+    self.q_proj = linear("q_proj", d, q_dim, ("embed", "heads"), cfg.attention_bias)
+    self.k_proj = linear("k_proj", d, kv_dim, ("embed", "kv"), cfg.attention_bias)
+    self.v_proj = linear("v_proj", d, kv_dim, ("embed", "kv"), cfg.attention_bias)
+    self.o_proj = linear("o_proj", q_dim, d, ("heads", "embed"), cfg.attention_bias)
+    self.post_attention_norm = RMSNorm(d, cfg.rms_norm_eps, **norm_kw)
+    self.gate_proj = linear("gate_proj", d, m, ("embed", "mlp"), cfg.mlp_bias)
+    self.up_proj = linear("up_proj", d, m, ("embed", "mlp"), cfg.mlp_bias)
+    self.down_proj = linear("down_proj", m, d, ("mlp", "embed"), cfg.mlp_bias)
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+    self.attention_impl = attention_impl
+
+  def __call__(self, x, positions, inv_freq, mask, layer_cache, cache_index, dropout_rng):
+    b, t, _ = x.shape
+    rngs = (list(jax.random.split(dropout_rng, len(LORA_TARGETS))) if dropout_rng is not None
+            else [None] * len(LORA_TARGETS))
+    rng = dict(zip(LORA_TARGETS, rngs))
+    h = self.input_norm(x)
+    q = self.q_proj(h, rng["q_proj"]).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(h, rng["k_proj"]).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(h, rng["v_proj"]).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if layer_cache is not None:
+      k_all, v_all = layer_cache
+      k = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), cache_index, axis=1)
+      layer_cache = (k, v)
+    o = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.attention_impl)
+    x = x + self.o_proj(o.reshape(b, t, -1), rng["o_proj"])
+    h = self.post_attention_norm(x)
+    gated = jax.nn.silu(self.gate_proj(h, rng["gate_proj"])) * self.up_proj(h, rng["up_proj"])
+    x = x + self.down_proj(gated, rng["down_proj"])
+    return sharding.constrain(x, sharding.BATCH_LENGTH_EMBED), layer_cache
+
+
+class LlamaForCausalLM(nnx.Module):
+  """inputs_embeds [B, T, D] -> logits [B, T, V], optionally reading and extending a KV cache."""
+
+  def __init__(self, cfg: TextConfig, lora: LoraConfig, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, scan_layers: bool = True, remat_policy: str = "none",
+               attention_impl: str = "xla", rngs: nnx.Rngs):
+    d, v = cfg.hidden_size, cfg.vocab_size
+    normal = nnx.initializers.normal(0.02)
+    self.embed_tokens = make_param(rngs, normal, (v, d), ("vocab", "embed"), param_dtype)
+    self.blocks = create_stack(
+        lambda r: DecoderBlock(cfg, lora, dtype=dtype, param_dtype=param_dtype,
+                               attention_impl=attention_impl, rngs=r), cfg.num_layers, rngs)
+    self.norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.lm_head = (None if cfg.tie_word_embeddings else
+                    make_param(rngs, normal, (d, v), ("embed", "vocab"), param_dtype))
+    self.cfg = cfg
+    self.dtype = dtype
+    self.scan_layers = scan_layers
+    self.remat_policy = remat_policy
+
+  def embed(self, token_ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embed_tokens[...], token_ids, axis=0).astype(self.dtype)
+
+  def __call__(self, inputs_embeds: jax.Array, *, attention_mask: jax.Array | None = None,
+               positions: jax.Array | None = None, cache: KVCache | None = None,
+               dropout_rng: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Runs the decoder.
+
+    Args:
+      inputs_embeds: [B, T, D].
+      attention_mask: [B, T], 1 for real tokens (default: all ones).
+      positions: rotary positions [B, T] (default: the slot index, as `transformers` does).
+      cache: a KV cache whose slots [index, index + T) receive this call's keys and values.
+      dropout_rng: LoRA dropout key; None = deterministic.
+
+    Returns:
+      (logits [B, T, V] in float32, the updated cache or None).
+    """
+    cfg = self.cfg
+    b, t, _ = inputs_embeds.shape
+    attention_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    start = jnp.zeros((), jnp.int32) if cache is None else cache.index
+    query_slots = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions = query_slots if positions is None else positions
+    if cache is None:
+      key_valid = attention_mask
+    else:
+      key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, start, axis=1)
+    mask = causal_mask(query_slots, key_valid)
+    inv_freq = rope_inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+    layer_rngs = (None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_layers))
+    layer_caches = None if cache is None else (cache.k, cache.v)
+
+    def body(block, x, xs):
+      layer_cache, rng = xs
+      return block(x, positions, inv_freq, mask, layer_cache, start, rng)
+
+    x = sharding.constrain(inputs_embeds.astype(self.dtype), sharding.BATCH_LENGTH_EMBED)
+    x, new_caches = run_stack(self.blocks, x, (layer_caches, layer_rngs), body,
+                              num=cfg.num_layers, scan=self.scan_layers,
+                              remat_policy=self.remat_policy)
+    x = self.norm(x)
+    head = (self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...])
+    logits = (x @ head.astype(self.dtype)).astype(jnp.float32)
+    logits = sharding.constrain(logits, sharding.BATCH_LENGTH_VOCAB)
+    if cache is not None:
+      cache = KVCache(new_caches[0], new_caches[1], key_valid, start + t)
+    return logits, cache
