@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from emola_jax.conversion import hf_mapping
+from emola_jax.conversion import hf_mapping, native
 from emola_jax.conversion.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from emola_jax.model.clip import ClipVisionTower
 from emola_jax.model.config import EmolaConfig, LoraConfig, TextConfig, VisionConfig
@@ -154,16 +154,9 @@ def _build(make_module, sources: list[tuple[SafetensorsCheckpoint, hf_mapping.La
       raise CheckpointError(f"{checkpoint.where(unused[0])}: unexpected tensor(s) that no "
                             f"parameter of this model config uses: {unused[:5]}"
                             + (f" and {len(unused) - 5} more" if len(unused) > 5 else ""))
+  for path, value in native.init_subset(make_module, seed, set(fresh)).items():
+    flat[path] = flat[path].replace(value)
   if fresh:
-    wanted = set(fresh)
-
-    @jax.jit
-    def init_fresh():
-      module = make_module(nnx.Rngs(seed))
-      return {p: v[...] for p, v in nnx.to_flat_state(nnx.state(module)) if p in wanted}
-
-    for path, value in init_fresh().items():
-      flat[path] = flat[path].replace(value)
     logging.info("initialised fresh: %s", sorted(".".join(map(str, p)) for p in fresh))
   return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
 

@@ -1,0 +1,122 @@
+"""The native emola-jax checkpoint: `config.json` + Orbax `params/` (+ optional `tokenizer/`).
+
+Every command that takes a model (`emola-train --config.init_from`, `emola-infer`, `emola-eval`,
+`emola-convert --to=hf`) reads this directory. Parameters are restored into an abstract model
+built from the saved config, so nothing is allocated twice; `load_native(..., **overrides)` can
+also change the config (add LoRA, a prior token, another dtype), keeping every saved parameter
+whose path and shape still fit and initialising only the new ones.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from emola_jax.conversion.safetensors_io import CheckpointError
+from emola_jax.model.config import EmolaConfig
+from emola_jax.model.emola import EmolaModel
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+
+
+def is_native_checkpoint(path: str) -> bool:
+  return (os.path.isfile(os.path.join(path, CONFIG_FILE))
+          and os.path.isdir(os.path.join(path, PARAMS_DIR)))
+
+
+def read_config(path: str) -> EmolaConfig:
+  config_path = os.path.join(path, CONFIG_FILE)
+  try:
+    with open(config_path) as f:
+      return EmolaConfig.from_json(f.read())
+  except FileNotFoundError:
+    raise CheckpointError(f"{config_path}: not found; is {path} an emola-jax checkpoint?") from None
+  except ValueError as e:
+    raise CheckpointError(f"{config_path}: {e}") from None
+
+
+def save_native(model: EmolaModel, out_dir: str, *, tokenizer_dir: str | None = None) -> None:
+  """Writes `model` (its config, all its parameters, and a tokenizer copy if given)."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and os.listdir(out_dir):
+    raise CheckpointError(f"{out_dir}: output directory exists and is not empty")
+  os.makedirs(out_dir, exist_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(out_dir, PARAMS_DIR), nnx.state(model, nnx.Param))
+    checkpointer.wait_until_finished()
+  if tokenizer_dir:
+    shutil.copytree(tokenizer_dir, os.path.join(out_dir, TOKENIZER_DIR))
+  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+    f.write(model.config.to_json())
+
+
+def init_subset(make_module: Callable[[nnx.Rngs], nnx.Module], seed: int,
+                paths: set[tuple]) -> dict[tuple, jax.Array]:
+  """Initialises only the parameters at `paths`: XLA drops the rest of the jitted init."""
+
+  @jax.jit
+  def init():
+    module = make_module(nnx.Rngs(seed))
+    return {p: v[...] for p, v in nnx.to_flat_state(nnx.state(module)) if p in paths}
+
+  return init() if paths else {}
+
+
+def load_native(path: str, *, seed: int = 0, **overrides: Any) -> tuple[EmolaModel, EmolaConfig]:
+  """Restores a native checkpoint; `overrides` (dotted names allowed) change the model config."""
+  saved_config = read_config(path)
+  params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
+  abstract = nnx.eval_shape(lambda: EmolaModel(saved_config, rngs=nnx.Rngs(0)))
+  saved_abstract = nnx.state(abstract, nnx.Param)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      saved = checkpointer.restore(params_dir, saved_abstract)
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    raise CheckpointError(f"{params_dir}: cannot restore the parameters ({e})") from None
+  config = saved_config.replace(**overrides) if overrides else saved_config
+  if config == saved_config:
+    graphdef, _, rest = nnx.split(nnx.eval_shape(lambda: EmolaModel(config, rngs=nnx.Rngs(0))),
+                                  nnx.Param, ...)
+    return nnx.merge(graphdef, saved, rest), config
+  return transplant(dict(nnx.to_flat_state(saved)), config, seed=seed), config
+
+
+def transplant(params: dict[tuple, Any], config: EmolaConfig, *, seed: int = 0) -> EmolaModel:
+  """A model of `config` holding `params` where path and shape fit; the rest initialised fresh.
+
+  Values are cast to the config's `param_dtype`. A saved parameter the new config has no place
+  for (e.g. a prior projector when `prior_position="none"`) is an error, never silently dropped.
+  """
+  make = lambda rngs: EmolaModel(config, rngs=rngs)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(seed))))
+  flat = dict(nnx.to_flat_state(state))
+  dtype = jnp.dtype(config.param_dtype)
+  dropped = [p for p in params if p not in flat]
+  if dropped:
+    raise CheckpointError(f"the new model config has no place for saved parameter(s) "
+                          f"{['.'.join(map(str, p)) for p in dropped[:5]]}")
+  fresh = set()
+  for path, var in flat.items():
+    if path in params:
+      value = params[path]
+      value = value[...] if isinstance(value, nnx.Variable) else value
+      if tuple(value.shape) != tuple(var.shape):
+        raise CheckpointError(f"saved parameter {'.'.join(map(str, path))} has shape "
+                              f"{tuple(value.shape)}, the model config needs {tuple(var.shape)}")
+      flat[path] = var.replace(jnp.asarray(value, dtype))
+    elif isinstance(var, nnx.Param):
+      fresh.add(path)
+  for path, value in init_subset(make, seed, fresh).items():
+    flat[path] = flat[path].replace(value)
+  if fresh:
+    logging.info("initialised fresh: %s", sorted(".".join(map(str, p)) for p in fresh))
+  return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
