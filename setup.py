@@ -27,6 +27,7 @@ setup(
         "pillow>=11",
         "tqdm>=4.66",
         "matplotlib>=3.9",
+        "tensorboardX>=2.6",
         "rouge==1.0.1",
     ],
     extras_require={
