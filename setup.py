@@ -29,6 +29,7 @@ setup(
         "matplotlib>=3.9",
         "tensorboardX>=2.6",
         "rouge==1.0.1",
+        "msgpack>=1.0",
     ],
     extras_require={
         # torch is needed only for parity tests, the PyTorch export module and .bin checkpoints.
