@@ -231,3 +231,10 @@ def test_bad_samples_raise_or_are_counted(setup):
   broken = [dict(EXAMPLES[0], id="broken", image_bytes=b"\xff\xd8 truncated")]
   with pytest.raises(images.ImageDecodeError, match="broken"):
     next(_loader(setup, source=broken, batch_size=1))
+
+
+def test_a_stream_whose_every_sample_is_rejected_fails_instead_of_hanging(setup):
+  """With num_epochs=None a too-small max_length used to spin forever; now it is an error."""
+  it = _loader(setup, max_length=SLOTS + 2, num_epochs=None)
+  with pytest.raises(ValueError, match="rejected.*Raise max_length"):
+    next(it)

@@ -143,8 +143,9 @@ class _PadBatchIterator(grain.DatasetIterator):
   """Groups processed examples into padded batches; counts and drops rejected ones."""
 
   def __init__(self, parent: grain.DatasetIterator, batch_size: int, drop_remainder: bool,
-               pad_id: int, max_length: int, buckets: tuple[int, ...]):
+               pad_id: int, max_length: int, buckets: tuple[int, ...], reject_limit: int):
     super().__init__(parent)
+    self._reject_limit = reject_limit
     self._batch_size = batch_size
     self._drop_remainder = drop_remainder
     self._pad_id = pad_id
@@ -154,6 +155,7 @@ class _PadBatchIterator(grain.DatasetIterator):
   def __next__(self) -> dict[str, Any]:
     examples = []
     counts = dict.fromkeys(STAT_FIELDS, 0)
+    consecutive_rejects = 0
     while len(examples) < self._batch_size:
       try:
         element = next(self._parent)
@@ -163,7 +165,15 @@ class _PadBatchIterator(grain.DatasetIterator):
         raise
       if _REJECTED in element:
         counts[element[_REJECTED]] += 1
+        consecutive_rejects += 1
+        # A repeating stream whose every sample is rejected would otherwise never end.
+        if consecutive_rejects > self._reject_limit:
+          raise ValueError(
+              f"{consecutive_rejects} samples in a row were rejected, a whole pass over this "
+              f"process's data ({ {k: v for k, v in counts.items() if v} }); no batch can be "
+              "made. Raise max_length or fix the data (see the warnings above).")
       else:
+        consecutive_rejects = 0
         examples.append(element)
     longest = max(len(ex["input_ids"]) for ex in examples)
     batch = pad_batch(examples, pad_id=self._pad_id,
@@ -287,7 +297,8 @@ def make_loader(source: Sequence[dict[str, Any]], *, tokenizer: Any, num_image_s
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                prefetch_buffer_size=max(1, 2 * batch_size)))
   it_ds = _PadBatchIterDataset(it_ds, batch_size=batch_size, drop_remainder=drop_remainder,
-                               pad_id=pad_id, max_length=max_length, buckets=buckets)
+                               pad_id=pad_id, max_length=max_length, buckets=buckets,
+                               reject_limit=-(-len(source) // shard_count))
   if worker_count > 0:
     _ensure_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
