@@ -41,6 +41,42 @@ def read_json(path: str) -> dict[str, Any]:
     raise CheckpointError(f"{path}: malformed JSON ({e})") from None
 
 
+def open_safetensors(directory: str, prefix: str = "model") -> SafetensorsCheckpoint:
+  """`SafetensorsCheckpoint`, whose error for a truncated file also names the tensors cut off."""
+  try:
+    return SafetensorsCheckpoint(directory, prefix)
+  except CheckpointError as e:
+    cut = _cut_tensors(directory, prefix)
+    if not cut:
+      raise
+    raise CheckpointError(f"{e}; tensor(s) cut off: {cut[:3]}" +
+                          (f" and {len(cut) - 3} more" if len(cut) > 3 else "") +
+                          ". The file is incomplete: copy or download it again.") from None
+
+
+def _cut_tensors(directory: str, prefix: str) -> list[str]:
+  """The keys whose bytes lie past the end of their safetensors file (a truncated copy)."""
+  index = os.path.join(directory, f"{prefix}.safetensors.index.json")
+  try:
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  except (OSError, ValueError, KeyError, AttributeError):
+    files = [f"{prefix}.safetensors"]
+  cut = []
+  for name in files:
+    try:
+      path = os.path.join(directory, name)
+      size = os.path.getsize(path)
+      with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len)) if header_len <= size - 8 else {}
+    except (OSError, ValueError):
+      continue
+    cut += [key for key, info in header.items() if key != "__metadata__"
+            and 8 + header_len + info["data_offsets"][1] > size]
+  return cut
+
+
 def vision_config_from_hf(v: dict[str, Any], select_layer: int = -2) -> VisionConfig:
   return VisionConfig(hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
                       num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
@@ -98,36 +134,68 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> EmolaConfig:
   return cfg.replace(**overrides) if overrides else cfg
 
 
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+  """An uninitialised array on a 64-byte boundary: `jax.device_put` on CPU then adopts its
+  memory instead of copying it, so a loaded parameter exists once."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  buffer = np.empty(nbytes + 64, np.uint8)
+  start = -buffer.ctypes.data % 64
+  return buffer[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def read_tensor(checkpoint, key: str) -> np.ndarray:
+  """The tensor `key` of a source, read into memory.
+
+  Pages of a memory map count in the process's resident memory for as long as the map is open;
+  reading a safetensors tensor with plain file I/O leaves them in the page cache instead, so a
+  conversion never holds the checkpoint twice. Other sources are asked with `get`.
+  """
+  if not isinstance(checkpoint, SafetensorsCheckpoint):
+    return checkpoint.get(key)
+  path = checkpoint.where(key)
+  lazy = checkpoint.get(key)  # checks dtype and size; a memmap slice reads no data
+  out = np.empty(lazy.shape, lazy.dtype)
+  start = checkpoint.files[os.path.basename(path)].header[key]["data_offsets"][0]
+  with open(path, "rb") as f:
+    data_start = 8 + int.from_bytes(f.read(8), "little")
+    f.seek(data_start + start)
+    if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
+      raise CheckpointError(f"{path}: tensor {key!r} is cut off (truncated file)")
+  return out
+
+
 def _read_param(row: hf_mapping.Row, shape: tuple[int, ...], dtype,
-                sources: list[tuple[SafetensorsCheckpoint, hf_mapping.Layout]], used: list[set]):
+                sources: list[tuple[Any, hf_mapping.Layout]], used: list[set]):
   """The parameter `row` from the first source that has it, or None if none does."""
   for (checkpoint, layout), used_keys in zip(sources, used):
     key0 = layout.key(row, 0 if row.stacked else None)
     if key0 is None or key0 not in checkpoint:
       continue
-    if not row.stacked:
-      tensor = hf_mapping.to_ours(row, checkpoint.get(key0))
-      hf_mapping.check_shape(row, key0, checkpoint.where(key0), tensor.shape, shape)
-      used_keys.add(key0)
-      return np.asarray(tensor, dtype)
-    out = np.empty(shape, dtype)
-    for i in range(shape[0]):
+    out = aligned_empty(shape, dtype)
+    for i in range(shape[0]) if row.stacked else [None]:
       key = layout.key(row, i)
       if key not in checkpoint:
         raise CheckpointError(f"{checkpoint.directory}: missing tensor {key!r} (layer {i} of "
                               f"{shape[0]})")
-      tensor = hf_mapping.to_ours(row, checkpoint.get(key))
-      hf_mapping.check_shape(row, key, checkpoint.where(key), tensor.shape, shape[1:])
-      out[i] = tensor
+      tensor = hf_mapping.to_ours(row, read_tensor(checkpoint, key))
+      hf_mapping.check_shape(row, key, checkpoint.where(key), tensor.shape,
+                             shape[1:] if row.stacked else shape)
+      if row.stacked:
+        out[i] = tensor
+      else:
+        out[...] = tensor
       used_keys.add(key)
     return out
   return None
 
 
-def _build(make_module, sources: list[tuple[SafetensorsCheckpoint, hf_mapping.Layout]], dtype,
-           fresh_ok, seed: int, allowed_unused=lambda key: False):
+def build_module(make_module, sources: list[tuple[Any, hf_mapping.Layout]], dtype, fresh_ok,
+                 seed: int, allowed_unused=lambda key: False):
   """Builds `make_module(rngs)` with its parameters read from `sources` (first match wins).
 
+  A source is a `SafetensorsCheckpoint` or anything with its interface (`keys`, `in`, `get`,
+  `where`, `directory`), e.g. `torch_bin.TorchCheckpoint`.
   Parameters no source holds must satisfy `fresh_ok(name)`; they are initialised from `seed`.
   Every source key must be used (or be an ignorable buffer / `allowed_unused`).
   """
@@ -140,7 +208,7 @@ def _build(make_module, sources: list[tuple[SafetensorsCheckpoint, hf_mapping.La
     row = hf_mapping.BY_OURS.get(name)
     value = None if row is None else _read_param(row, tuple(var.shape), dtype, sources, used)
     if value is not None:
-      flat[path] = var.replace(jnp.asarray(value))
+      flat[path] = var.replace(jax.device_put(value))  # adopts the aligned buffer on CPU
     elif fresh_ok(name):
       fresh.append(path)
     else:
@@ -178,27 +246,35 @@ def load_pretrained(path: str, *, vision_path: str | None = None, seed: int = 0,
   """
   hf = read_json(os.path.join(path, "config.json"))
   model_type = hf.get("model_type")
-  checkpoint = SafetensorsCheckpoint(path)
+  checkpoint = open_safetensors(path)
   layout = hf_mapping.find_layout(checkpoint.keys())
   if model_type == "llava":
     cfg = config_from_hf(hf, **_lora_override(overrides))
     sources = [(checkpoint, layout)]
     prior_file = os.path.join(path, f"{PRIOR_PROJECTOR_FILE}.safetensors")
+    declared = hf.get(EMOLA_CONFIG_KEY, {}).get("prior_position", "none") != "none"
     if cfg.has_prior and os.path.exists(prior_file):
-      prior = SafetensorsCheckpoint(path, prefix=PRIOR_PROJECTOR_FILE)
+      prior = open_safetensors(path, prefix=PRIOR_PROJECTOR_FILE)
       sources.append((prior, hf_mapping.find_layout(prior.keys())))
-    model = _build(lambda r: EmolaModel(cfg, rngs=r), sources, cfg.param_dtype, _is_fresh_ok, seed)
+    elif cfg.has_prior and declared:
+      # The checkpoint says it has a trained prior projector: never replace it by a fresh one.
+      raise CheckpointError(f"{prior_file}: not found, but {path}/config.json declares a prior "
+                            f"token ({EMOLA_CONFIG_KEY}.prior_position); copy the file or "
+                            "re-export the checkpoint")
+    model = build_module(lambda r: EmolaModel(cfg, rngs=r), sources, cfg.param_dtype,
+                         _is_fresh_ok, seed)
     return model, cfg
   if model_type in ("clip_vision_model", "clip"):
     v = hf.get("vision_config", hf) if model_type == "clip" else hf
     vcfg = vision_config_from_hf(v, overrides.pop("select_layer", -2))
     dtype = overrides.pop("param_dtype", "float32")
     kwargs = _module_kwargs(overrides)
-    model = _build(lambda r: _Holder(vision_tower=ClipVisionTower(
-                       vcfg, param_dtype=jnp.dtype(dtype), rngs=r, **kwargs)),
-                   [(checkpoint, _only(layout, "vision"))], dtype, lambda _: False, seed,
-                   allowed_unused=lambda k: k.startswith(("text_model.", "visual_projection.",
-                                                          "text_projection.", "logit_scale")))
+    model = build_module(lambda r: _Holder(vision_tower=ClipVisionTower(
+                             vcfg, param_dtype=jnp.dtype(dtype), rngs=r, **kwargs)),
+                         [(checkpoint, _only(layout, "vision"))], dtype, lambda _: False, seed,
+                         allowed_unused=lambda k: k.startswith((
+                             "text_model.", "visual_projection.", "text_projection.",
+                             "logit_scale")))
     return model.vision_tower, vcfg
   if model_type == "llama":
     tcfg = text_config_from_hf(hf)
@@ -207,19 +283,19 @@ def load_pretrained(path: str, *, vision_path: str | None = None, seed: int = 0,
       v = vision_hf.get("vision_config", vision_hf)
       cfg = EmolaConfig(vision=vision_config_from_hf(v), text=tcfg).replace(
           **_lora_override(overrides))
-      vision_ckpt = SafetensorsCheckpoint(vision_path)
+      vision_ckpt = open_safetensors(vision_path)
       sources = [(checkpoint, _only(layout, "text", "lm_head")),
                  (vision_ckpt, _only(hf_mapping.find_layout(vision_ckpt.keys()), "vision"))]
       fresh = lambda name: _is_fresh_ok(name) or name.startswith("projector.")
-      model = _build(lambda r: EmolaModel(cfg, rngs=r), sources, cfg.param_dtype, fresh, seed)
+      model = build_module(lambda r: EmolaModel(cfg, rngs=r), sources, cfg.param_dtype, fresh, seed)
       return model, cfg
     lora = LoraConfig(**overrides.pop("lora", {}))
     dtype = overrides.pop("param_dtype", "float32")
     kwargs = _module_kwargs(overrides)
-    model = _build(lambda r: _Holder(language_model=LlamaForCausalLM(
-                       tcfg, lora, param_dtype=jnp.dtype(dtype), rngs=r, **kwargs)),
-                   [(checkpoint, _only(layout, "text", "lm_head"))], dtype,
-                   lambda n: ".lora_" in n, seed)
+    model = build_module(lambda r: _Holder(language_model=LlamaForCausalLM(
+                             tcfg, lora, param_dtype=jnp.dtype(dtype), rngs=r, **kwargs)),
+                         [(checkpoint, _only(layout, "text", "lm_head"))], dtype,
+                         lambda n: ".lora_" in n, seed)
     return model.language_model, tcfg
   raise CheckpointError(f"{path}/config.json: model_type {model_type!r} is not one of llava, "
                         "clip_vision_model, clip, llama")
@@ -254,3 +330,20 @@ def _lora_override(overrides: dict[str, Any]) -> dict[str, Any]:
 def _only(layout: hf_mapping.Layout, *components: str) -> hf_mapping.Layout:
   """The layout restricted to some components (a CLIP or LLaMA directory read for one part)."""
   return hf_mapping.Layout({c: layout.prefixes.get(c) for c in components})
+
+
+def hf_to_native(path: str, out_dir: str, **overrides) -> EmolaConfig:
+  """Converts a `transformers` LLaVA directory into a native checkpoint (written atomically).
+
+  The tokenizer and processor files of `path` are carried into the checkpoint's `tokenizer/`.
+  `overrides` are `load_pretrained`'s (e.g. `param_dtype="bfloat16"`).
+  """
+  model_type = read_json(os.path.join(path, "config.json")).get("model_type")
+  if model_type != "llava":
+    raise CheckpointError(f"{path}/config.json: model_type {model_type!r}; a native checkpoint "
+                          "holds a full LLaVA/EmoLA model (model_type 'llava')")
+  model, config = load_pretrained(path, **overrides)
+  with native.atomic_dir(out_dir) as tmp:
+    native.save_native(model, tmp, compress=False)
+    native.copy_tokenizer_files(path, os.path.join(tmp, native.TOKENIZER_DIR))
+  return config

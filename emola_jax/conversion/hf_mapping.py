@@ -21,7 +21,7 @@ from emola_jax.conversion.safetensors_io import CheckpointError
 class Row:
   ours: str
   theirs: str
-  component: str  # vision | projector | prior_projector | text | lm_head
+  component: str  # vision | projector | prior_projector | text | lm_head | lora
   kind: str  # linear | conv | copy
 
   @property
@@ -74,6 +74,14 @@ def _rows() -> list[Row]:
                "text", "copy"),
            Row("language_model.blocks.post_attention_norm.scale",
                f"{llama_layer}post_attention_layernorm.weight", "text", "copy")]
+  # LoRA adapters, named as PEFT names them under the decoder (A: [r, in], B: [out, r]). Only
+  # adapter imports give this component a prefix; plain checkpoints have no LoRA.
+  for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+    sub = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    rows += [Row(f"language_model.blocks.{name}.lora_a", f"{llama_layer}{sub}.{name}.lora_A.weight",
+                 "lora", "linear"),
+             Row(f"language_model.blocks.{name}.lora_b", f"{llama_layer}{sub}.{name}.lora_B.weight",
+                 "lora", "linear")]
   return rows
 
 
