@@ -70,6 +70,12 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
   c.log.tensorboard = True
   c.log.progress_bar = True
 
+  # Device mesh (-1 = the remaining devices) and logical-axis rules (emola_jax/training/mesh.py):
+  # data=-1 is data parallel, fsdp=-1 is FSDP (ZeRO-3), fsdp=-1 with tensor=T adds tensor
+  # parallelism.
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.sharding_rules = "fsdp_tp"
+
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 0  # 0 = only at the end (when eval_splits is set)
   c.eval.max_batches = 0  # 0 = the whole eval split

@@ -70,11 +70,14 @@ class SplitModel:
   frozen: dict[str, jax.Array]
 
   @classmethod
-  def from_model(cls, model: nnx.Module, groups: tuple[str, ...]) -> SplitModel:
+  def from_model(cls, model: nnx.Module, groups: tuple[str, ...],
+                 values: dict[str, Any] | None = None) -> SplitModel:
+    """Splits `model` (concrete, or abstract with the parameter `values` given separately)."""
     graphdef, state = nnx.split(model)
     flat = to_flat(state)
-    trainable = {k: v[...] for k, v in flat.items() if group_of(k) in groups}
-    frozen = {k: v[...] for k, v in flat.items() if group_of(k) not in groups}
+    values = {k: v[...] for k, v in flat.items()} if values is None else values
+    trainable = {k: values[k] for k in flat if group_of(k) in groups}
+    frozen = {k: values[k] for k in flat if group_of(k) not in groups}
     if not trainable:
       raise ValueError(f"no parameter of this model belongs to the trained groups {groups} "
                        "(LoRA groups need model.lora.rank > 0; prior_projector needs "

@@ -22,14 +22,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from emola_jax.conversion import hf_load, native
 from emola_jax.data import loader as loader_lib
 from emola_jax.data import priors as priors_lib
 from emola_jax.data import shards
 from emola_jax.model.config import EmolaConfig
+from emola_jax.model import sharding as logical
 from emola_jax.model.emola import EmolaModel
 from emola_jax.training import checkpointing, experiment, optimizer, param_groups, train_step
+from emola_jax.training import mesh as mesh_lib
 from emola_jax.training.metrics_log import MetricsLog
 
 
@@ -38,10 +41,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 def build_model(config: ml_collections.ConfigDict) -> tuple[EmolaModel, EmolaConfig]:
-  """A fresh model from `config.model`, or `config.init_from` with the training-side fields."""
+  """`config.init_from` loaded with the training-side fields of `config.model`."""
   cfg = experiment.model_config(config)
-  if not config.init_from:
-    return EmolaModel(cfg, rngs=nnx.Rngs(config.train.seed)), cfg
   overrides = {f: getattr(cfg, f) for f in experiment.TRAINING_MODEL_FIELDS}
   path = config.init_from
   if native.is_native_checkpoint(path):
@@ -54,6 +55,44 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[EmolaModel, EmolaCon
     return model, loaded
   raise ValueError(f"--config.init_from={path}: neither an emola-jax checkpoint (config.json + "
                    "params/) nor a Hugging Face directory (config.json + safetensors)")
+
+
+def build_split(config: ml_collections.ConfigDict, mesh, rules, *, abstract_only: bool = False
+                ) -> tuple[param_groups.SplitModel, EmolaConfig, dict]:
+  """The model's parameters placed on the mesh, cut into trained and frozen parts.
+
+  Returns (split, model config, sharding of each parameter). A fresh model is initialised
+  straight into its shardings; `abstract_only` returns shapes without allocating anything.
+  """
+  groups = param_groups.parse_trainable(config.train.trainable)
+  if config.init_from and not abstract_only:
+    model, cfg = build_model(config)
+    shardings = mesh_lib.param_shardings(nnx.state(model), mesh, rules)
+    split = param_groups.SplitModel.from_model(model, groups)
+    split.trainable = mesh_lib.place(split.trainable, shardings)
+    split.frozen = mesh_lib.place(split.frozen, shardings)
+    return split, cfg, shardings
+  cfg = experiment.model_config(config) if not config.init_from else _saved_config(config)
+  make = lambda rngs: EmolaModel(cfg, rngs=rngs)
+  abstract = nnx.eval_shape(lambda: make(nnx.Rngs(config.train.seed)))
+  shardings = mesh_lib.param_shardings(nnx.state(abstract), mesh, rules)
+  values = None
+  if not abstract_only:
+    values = mesh_lib.init_sharded(make, config.train.seed, shardings)
+  else:
+    values = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+              for k, v in param_groups.to_flat(nnx.state(abstract)).items()}
+  return param_groups.SplitModel.from_model(abstract, groups, values), cfg, shardings
+
+
+def _saved_config(config) -> EmolaConfig:
+  """The model config an `init_from` checkpoint will have, without loading its weights."""
+  cfg = experiment.model_config(config)
+  overrides = {f: getattr(cfg, f) for f in experiment.TRAINING_MODEL_FIELDS}
+  if native.is_native_checkpoint(config.init_from):
+    return native.read_config(config.init_from).replace(**overrides)
+  hf = hf_load.read_json(os.path.join(config.init_from, "config.json"))
+  return hf_load.config_from_hf(hf).replace(**overrides)
 
 
 def trainable_counts(config: ml_collections.ConfigDict,
@@ -115,11 +154,12 @@ def total_steps(config, num_examples: int) -> int:
   return steps
 
 
-def _device_batch(batch: dict[str, np.ndarray], cfg: EmolaConfig) -> dict[str, jax.Array]:
+def _model_batch(batch: dict[str, np.ndarray], cfg: EmolaConfig, mesh) -> dict[str, jax.Array]:
+  """The arrays the step reads, as global arrays over the mesh."""
   out = {k: batch[k] for k in train_step.BATCH_KEYS if k in batch}
   if not cfg.has_prior:
     out.pop("prior", None)
-  return jax.device_put(out)
+  return mesh_lib.global_batch(out, mesh)
 
 
 def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -148,49 +188,98 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def evaluate(eval_step, params, frozen, config, cfg, splits) -> dict[str, float]:
+def evaluate(run: TrainSetup, params, frozen, config) -> dict[str, float]:
   """Mean token loss over the eval splits (padded to full batches: one compiled shape)."""
-  loader, _ = make_data(config, cfg, splits, batch_size=config.eval.batch_size, train=False,
-                        seed=0)
+  loader, _ = make_data(config, run.cfg, experiment.eval_splits(config),
+                        batch_size=config.eval.batch_size, train=False, seed=0)
   total, count = 0.0, 0.0
   for i, batch in enumerate(loader):
     if config.eval.max_batches and i >= config.eval.max_batches:
       break
-    batch = _pad_rows(batch, config.eval.batch_size)
-    s, c = eval_step(params, frozen, _device_batch(batch, cfg))
+    batch = _pad_rows(batch, config.eval.batch_size // jax.process_count())
+    s, c = run.eval_fn(params, frozen, _model_batch(batch, run.cfg, run.mesh))
     total, count = total + float(s), count + float(c)
   return {"eval_loss": total / max(count, 1.0), "eval_tokens": count}
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  """Everything the loop (or `emola-plan`) needs, placed on the mesh."""
+
+  mesh: Any
+  rules: Any
+  cfg: EmolaConfig
+  split: param_groups.SplitModel
+  state: train_step.TrainState
+  schedules: dict
+  step_fn: Any  # jitted train step
+  eval_fn: Any  # jitted eval step
+
+
+def setup(config: ml_collections.ConfigDict, steps: int, *, abstract_only: bool = False,
+          devices=None) -> TrainSetup:
+  """Mesh, sharded parameters and optimizer state, and the jitted steps for `steps` steps."""
+  mesh = mesh_lib.make_mesh(config, devices)
+  rules = mesh_lib.rules_from_config(config)
+  with jax.set_mesh(mesh), logical.logical_axis_rules(rules):
+    split, cfg, _ = build_split(config, mesh, rules, abstract_only=abstract_only)
+    tx, schedules = optimizer.make_optimizer(
+        split.trainable, lr=config.train.lr, group_lrs=dict(config.train.group_lrs),
+        total_steps=steps, warmup_ratio=config.train.warmup_ratio,
+        weight_decay=config.train.weight_decay, max_grad_norm=config.train.max_grad_norm,
+        b1=config.train.b1, b2=config.train.b2, eps=config.train.eps)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    init_opt = jax.jit(tx.init)
+    opt_state = (jax.eval_shape(init_opt, split.trainable) if abstract_only
+                 else init_opt(split.trainable))
+    if abstract_only:
+      # Adam's moments take the sharding of their parameter; counters are replicated.
+      opt_state = _shard_like_params(opt_state, split.trainable, replicated)
+    step0 = (jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated) if abstract_only
+             else jax.device_put(jnp.zeros((), jnp.int32), replicated))
+    rng = (jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated) if abstract_only
+           else jax.device_put(jax.random.PRNGKey(config.train.seed), replicated))
+    state = train_step.TrainState(step0, split.trainable, opt_state, rng)
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  frozen_sh = jax.tree.map(lambda x: x.sharding, split.frozen)
+  batch_sh = mesh_lib.batch_sharding(mesh)
+  step_fn = jax.jit(train_step.make_train_step(split, tx, config.train.micro_batches),
+                    in_shardings=(state_sh, frozen_sh, batch_sh),
+                    out_shardings=(state_sh, replicated), donate_argnums=(0,))
+  eval_fn = jax.jit(train_step.make_eval_step(split),
+                    in_shardings=(state_sh.params, frozen_sh, batch_sh),
+                    out_shardings=replicated)
+  return TrainSetup(mesh, rules, cfg, split, state, schedules, step_fn, eval_fn)
+
+
+def _shard_like_params(opt_state, params, replicated):
+  by_shape: dict = {}
+  for v in params.values():
+    by_shape.setdefault((v.shape, v.dtype), v.sharding)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=by_shape.get((x.shape, x.dtype), replicated)
+      if x.ndim else replicated), opt_state)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) training; returns the last logged metrics."""
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  model, cfg = build_model(config)
-  groups = param_groups.parse_trainable(config.train.trainable)
-  split = param_groups.SplitModel.from_model(model, groups)
-  del model
-  counts = param_groups.counts_by_group(split.trainable)
-  logging.info("trainable parameters: %s = %s (groups %s)", f"{sum(counts.values()):,}",
-               {k: f"{v:,}" for k, v in counts.items()}, groups)
-  if is_main:
-    print(f"trainable parameters: {sum(counts.values()):,} "
-          f"({', '.join(f'{k} {v:,}' for k, v in counts.items())})", flush=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-
+  cfg = experiment.model_config(config) if not config.init_from else _saved_config(config)
   train_loader, num_examples = make_data(config, cfg, experiment.train_splits(config),
                                          batch_size=config.train.batch_size, train=True,
                                          seed=config.train.seed)
   steps = total_steps(config, num_examples)
-  tx, schedules = optimizer.make_optimizer(
-      split.trainable, lr=config.train.lr, group_lrs=dict(config.train.group_lrs),
-      total_steps=steps, warmup_ratio=config.train.warmup_ratio,
-      weight_decay=config.train.weight_decay, max_grad_norm=config.train.max_grad_norm,
-      b1=config.train.b1, b2=config.train.b2, eps=config.train.eps)
-  state = train_step.TrainState(jnp.zeros((), jnp.int32), split.trainable,
-                                tx.init(split.trainable),
-                                jax.random.PRNGKey(config.train.seed))
+  run = setup(config, steps)
+  cfg, split, state = run.cfg, run.split, run.state
+  counts = param_groups.counts_by_group(split.trainable)
+  if is_main:
+    print(f"trainable parameters: {sum(counts.values()):,} "
+          f"({', '.join(f'{k} {v:,}' for k, v in counts.items())}); mesh "
+          f"{dict(run.mesh.shape)} over {jax.device_count()} devices, "
+          f"{jax.process_count()} process(es)", flush=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   frozen = split.frozen
   ckpt = checkpointing.TrainCheckpoints(
       workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
@@ -199,20 +288,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start = ckpt.latest_step()
   if start is not None:
     state = ckpt.restore(start, checkpointing.abstract_of(state), train_loader)
-    logging.info("resumed from step %d", start)
     if is_main:
       print(f"resumed from {workdir}/checkpoints/{start}", flush=True)
   start = int(state.step)
 
-  step_fn = jax.jit(train_step.make_train_step(split, tx, config.train.micro_batches),
-                    donate_argnums=(0,))
-  eval_fn = jax.jit(train_step.make_eval_step(split))
   log = MetricsLog(workdir, enabled=is_main, tensorboard=config.log.tensorboard,
                    progress=config.log.progress_bar, total=steps, initial=start)
   preemption = _Preemption()
   pending = None  # (step, metrics on device, tokens) of the step before the current one
   last: dict[str, Any] = {}
   window_tokens, window_start = 0, time.perf_counter()
+  schedules = run.schedules
 
   def check(item) -> None:
     nonlocal last, window_tokens, window_start
@@ -236,41 +322,40 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       window_tokens, window_start = 0, time.perf_counter()
 
   try:
-    for step in range(start + 1, steps + 1):
-      batch = next(train_loader)
-      tokens = int(batch["attention_mask"].sum()) * jax.process_count()
-      state, metrics = step_fn(state, frozen, _device_batch(batch, cfg))
+    with jax.set_mesh(run.mesh), logical.logical_axis_rules(run.rules):
+      for step in range(start + 1, steps + 1):
+        batch = next(train_loader)
+        tokens = int(batch["attention_mask"].sum()) * jax.process_count()
+        state, metrics = run.step_fn(state, frozen, _model_batch(batch, cfg, run.mesh))
+        if pending is not None:
+          check(pending)
+        pending = (step, metrics, tokens)
+        boundary = (step % config.checkpoint.every_steps == 0 or step == steps
+                    or preemption.requested)
+        do_eval = bool(experiment.eval_splits(config)) and (
+            (config.eval.every_steps and step % config.eval.every_steps == 0) or step == steps)
+        if boundary or do_eval:
+          check(pending)
+          pending = None
+        if do_eval:
+          scores = evaluate(run, state.params, frozen, config)
+          log.write({"step": step, **scores})
+          ckpt.save_best(step, state.params, scores)
+        if boundary:
+          ckpt.save(step, state, train_loader)
+        if preemption.requested:
+          ckpt.wait()
+          log.message(f"preempted: saved step {step}; rerun the same command to resume")
+          return last
       if pending is not None:
         check(pending)
-      pending = (step, metrics, tokens)
-      boundary = (step % config.checkpoint.every_steps == 0 or step == steps
-                  or preemption.requested)
-      do_eval = (experiment.eval_splits(config) and
-                 ((config.eval.every_steps and step % config.eval.every_steps == 0)
-                  or step == steps))
-      if boundary or do_eval:
-        check(pending)
-        pending = None
-      if do_eval:
-        scores = evaluate(eval_fn, state.params, frozen, config, cfg,
-                          experiment.eval_splits(config))
-        log.write({"step": step, **scores})
-        ckpt.save_best(step, state.params, scores)
-      if boundary:
-        ckpt.save(step, state, train_loader)
-      if preemption.requested:
-        ckpt.wait()
-        log.message(f"preempted: saved step {step}; rerun the same command to resume")
-        return last
-    if pending is not None:
-      check(pending)
-    ckpt.wait()
-    final_dir = os.path.join(workdir, "final")
-    if not os.path.exists(final_dir):
-      native.save_native(split.merge(state.params, frozen), final_dir,
-                         tokenizer_dir=config.data.tokenizer or None)
-    log.message(f"done: {steps} steps; model in {final_dir}")
-    return last
+      ckpt.wait()
+      final_dir = os.path.join(workdir, "final")
+      if not os.path.exists(os.path.join(final_dir, native.CONFIG_FILE)):
+        native.save_native(split.merge(state.params, frozen), final_dir,
+                           tokenizer_dir=config.data.tokenizer or None)
+      log.message(f"done: {steps} steps; model in {final_dir}")
+      return last
   finally:
     preemption.restore()
     ckpt.close()
