@@ -17,10 +17,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, "
                                "tensorboard/, final/. An existing one is resumed.")
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "Multi-process runs: HOST:PORT of process 0. Without it, Cloud "
-    "TPU pods and SLURM jobs of several tasks are detected; otherwise one process runs.")
+    "coordinator_address", None, "Multi-process runs: HOST:PORT of process 0. Without it, SLURM "
+    "jobs of several tasks are detected (and anything JAX detects with --auto_distributed); "
+    "otherwise one process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: process count.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's id.")
+_AUTO_DISTRIBUTED = flags.DEFINE_bool(
+    "auto_distributed", False, "Join a multi-host run whose layout JAX detects itself (Cloud TPU "
+    "VM pods, GKE, SLURM); launch/tpu_pod.sh sets it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,7 +32,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from emola_jax.training import distributed  # pylint: disable=import-outside-toplevel
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         auto=_AUTO_DISTRIBUTED.value)
   from emola_jax.training import trainer  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.WARNING)
   trainer.train(_CONFIG.value, _WORKDIR.value)

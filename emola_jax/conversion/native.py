@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from absl import logging
 from flax import nnx
 
@@ -97,7 +98,12 @@ def save_native(model: EmolaModel, out_dir: str, *, tokenizer_dir: str | None = 
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and os.listdir(out_dir):
     raise CheckpointError(f"{out_dir}: output directory exists and is not empty")
-  os.makedirs(out_dir, exist_ok=True)
+  # Every process of a multi-host run takes part in the Orbax save (each writes its shards);
+  # the small files are written by process 0 alone, after all have checked the folder.
+  multihost_utils.sync_global_devices("emola_save_native_checked")
+  main = jax.process_index() == 0
+  if main:
+    os.makedirs(out_dir, exist_ok=True)
   params = nnx.state(model, nnx.Param)
   if compress:
     with ocp.StandardCheckpointer() as checkpointer:
@@ -106,10 +112,12 @@ def save_native(model: EmolaModel, out_dir: str, *, tokenizer_dir: str | None = 
   else:
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as checkpointer:
       checkpointer.save(os.path.join(out_dir, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
-  if tokenizer_dir:
-    shutil.copytree(tokenizer_dir, os.path.join(out_dir, TOKENIZER_DIR))
-  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-    f.write(model.config.to_json())
+  if main:
+    if tokenizer_dir:
+      shutil.copytree(tokenizer_dir, os.path.join(out_dir, TOKENIZER_DIR))
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+      f.write(model.config.to_json())
+  multihost_utils.sync_global_devices("emola_save_native_done")
 
 
 def init_subset(make_module: Callable[[nnx.Rngs], nnx.Module], seed: int,

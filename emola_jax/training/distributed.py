@@ -20,12 +20,10 @@ def _slurm_multi_task() -> bool:
   return "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
-def _tpu_pod() -> bool:
-  return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
-
-
 def initialize(coordinator_address: str | None, num_processes: int | None,
-               process_id: int | None) -> None:
+               process_id: int | None, auto: bool = False) -> None:
+  """Joins the run. `auto`: let JAX detect the cluster (Cloud TPU VMs via their metadata
+  server, GKE, SLURM, ...); `launch/tpu_pod.sh` passes it on every worker."""
   cpu_devices = os.environ.get(CPU_DEVICES_ENV)
   if cpu_devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -37,5 +35,5 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
     if any(v is None for v in given):
       raise ValueError("--coordinator_address, --num_processes and --process_id go together")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif _slurm_multi_task() or _tpu_pod():
+  elif auto or _slurm_multi_task():
     jax.distributed.initialize()
