@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from emola_jax.conversion import hf_load, native
@@ -174,18 +175,30 @@ def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+  """Whether to save and stop after this step because the job is being preempted (SIGTERM).
+
+  One process: a SIGTERM handler sets a flag. Several processes: JAX's distributed runtime
+  already watches for SIGTERM, and `reached_preemption_sync_point` makes every process agree on
+  the same step, so all of them save that step together.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._multi = jax.process_count() > 1
+    self._previous = None if self._multi else signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
     self.requested = True
 
+  def check(self, step: int) -> bool:
+    if self._multi:
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self._multi:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def evaluate(run: TrainSetup, params, frozen, config) -> dict[str, float]:
@@ -331,7 +344,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           check(pending)
         pending = (step, metrics, tokens)
         boundary = (step % config.checkpoint.every_steps == 0 or step == steps
-                    or preemption.requested)
+                    or preemption.check(step))
         do_eval = bool(experiment.eval_splits(config)) and (
             (config.eval.every_steps and step % config.eval.every_steps == 0) or step == steps)
         if boundary or do_eval:
