@@ -33,6 +33,7 @@ def get_config(task: str = "emotion"):
   c.train.warmup_ratio = 0.03
   c.train.weight_decay = 0.0
   c.train.seed = 1
+  c.train.frozen_param_dtype = "bfloat16"  # CLIP and the base LLM never train
   c.data.max_length = 2048
   c.data.prior = "npy"
   return c

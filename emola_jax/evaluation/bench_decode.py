@@ -1,0 +1,162 @@
+"""Decoding throughput: our jitted generation loop against `transformers` `generate`, greedy, fp32.
+
+Both run the same random LLaVA (built with `transformers`, saved, and loaded into our model), on
+the same prompts, in the same process, interleaved (ours, theirs, ours, theirs, ...) so that drift
+in machine load hits both alike. Tokens/s = batch x new tokens / wall time of one whole call
+(prefill included), median over the repeats; the first call of each (compilation for ours) is
+timed apart and not counted. EOS is disabled on both sides, so every row generates exactly
+`--new_tokens` tokens.
+
+  python -m emola_jax.evaluation.bench_decode [--batch_sizes=1,8] [--new_tokens=64] ...
+
+Needs torch (the `torch` extra).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from emola_jax.conversion.hf_load import load_pretrained
+from emola_jax.evaluation.generate import Generator
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to time.")
+flags.DEFINE_integer("new_tokens", 64, "Tokens generated per row.")
+flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per row (BOS + image slots + text).")
+flags.DEFINE_integer("repeats", 5, "Timed calls per side and batch size (after one warm-up).")
+flags.DEFINE_integer("layers", 4, "LLaMA decoder layers.")
+flags.DEFINE_integer("width", 512, "LLaMA hidden size.")
+flags.DEFINE_integer("vocab", 32000, "Vocabulary size (LLaMA-2's by default).")
+flags.DEFINE_integer("image_size", 56, "CLIP image size; patch 14, so (size / 14)^2 image slots.")
+flags.DEFINE_integer("seed", 0, "Seed of the random weights and prompts.")
+flags.DEFINE_integer(
+    "threads", 1, "CPU threads per framework (torch intra-op threads, XLA CPU intra-op "
+    "threads); 0 keeps both frameworks' defaults. One thread each is the fair setting on a "
+    "shared machine: an oversubscribed torch thread pool slows down several-fold.")
+
+PATCH = 14
+
+
+def build_hf_model(layers: int, width: int, vocab: int, image_size: int, seed: int):
+  """A random `transformers` LLaVA: LLaMA `layers` x `width`, a 2-layer 64-wide CLIP."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  text = transformers.LlamaConfig(
+      vocab_size=vocab, hidden_size=width, intermediate_size=width * 11 // 4,
+      num_hidden_layers=layers, num_attention_heads=max(1, width // 64),
+      num_key_value_heads=max(1, width // 64), max_position_embeddings=4096, rms_norm_eps=1e-5)
+  vision = transformers.CLIPVisionConfig(
+      hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+      image_size=image_size, patch_size=PATCH, projection_dim=64)
+  cfg = transformers.LlavaConfig(vision_config=vision, text_config=text,
+                                 image_token_index=vocab - 1)
+  torch.manual_seed(seed)
+  model = transformers.LlavaForConditionalGeneration(cfg).eval()
+  with torch.no_grad():  # wider than the 0.02 default, so logits are far from uniform
+    for p in model.parameters():
+      if p.ndim > 1:
+        p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
+  model.generation_config.eos_token_id = None  # every row runs to max_new_tokens
+  return model
+
+
+def make_prompts(batch: int, prompt_len: int, vocab: int, image_size: int, seed: int):
+  """Left-padded input_ids (rows 0..batch-1 of slightly different lengths), mask, pixels."""
+  rng = np.random.default_rng(seed)
+  slots = (image_size // PATCH) ** 2
+  ids = np.zeros((batch, prompt_len), np.int64)
+  mask = np.zeros((batch, prompt_len), np.int64)
+  for b in range(batch):
+    n = prompt_len - (b % 4)  # different lengths exercise the padding path on both sides
+    text = rng.integers(3, vocab - 1, size=n - 1 - slots)
+    row = np.concatenate([[1], np.full(slots, vocab - 1), text])
+    ids[b, prompt_len - n:], mask[b, prompt_len - n:] = row, 1
+  pixels = rng.normal(size=(batch, 3, image_size, image_size)).astype(np.float32)
+  return ids, mask, pixels
+
+
+def timed(fn):
+  start = time.perf_counter()
+  out = fn()
+  return time.perf_counter() - start, out
+
+
+def set_threads(threads: int) -> None:
+  """Limits both frameworks to `threads` CPU threads; must run before JAX's first computation."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  if threads <= 0:
+    return
+  torch.set_num_threads(threads)
+  xla = (f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
+         f"intra_op_parallelism_threads={threads}")
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla}".strip()
+
+
+def main(argv):
+  del argv
+  import torch  # pylint: disable=import-outside-toplevel
+
+  set_threads(FLAGS.threads)
+  torch.set_grad_enabled(False)
+  hf = build_hf_model(FLAGS.layers, FLAGS.width, FLAGS.vocab, FLAGS.image_size, FLAGS.seed)
+  with tempfile.TemporaryDirectory() as tmp:
+    hf.save_pretrained(tmp)
+    model, _ = load_pretrained(tmp)
+  generator = Generator(model)
+  n_new = FLAGS.new_tokens
+  rows = []
+  for batch in map(int, FLAGS.batch_sizes):
+    ids, mask, pixels = make_prompts(batch, FLAGS.prompt_len, FLAGS.vocab, FLAGS.image_size,
+                                     FLAGS.seed + batch)
+
+    def ours():
+      return generator(ids, mask, pixels, max_new_tokens=n_new, eos_id=None, pad_id=0).tokens
+
+    def theirs():
+      out = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                        pixel_values=torch.from_numpy(pixels), do_sample=False,
+                        max_new_tokens=n_new, pad_token_id=0)
+      return out[:, ids.shape[1]:].numpy()
+
+    warm_ours, tokens_ours = timed(ours)
+    warm_theirs, tokens_theirs = timed(theirs)
+    if tokens_ours.shape != (batch, n_new) or tokens_theirs.shape != (batch, n_new):
+      raise RuntimeError(f"bench_decode: expected {n_new} new tokens per row, got "
+                         f"{tokens_ours.shape} (ours) and {tokens_theirs.shape} (transformers)")
+    agree = float((tokens_ours == tokens_theirs).mean())
+    t_ours, t_theirs = [], []
+    for _ in range(FLAGS.repeats):
+      t_ours.append(timed(ours)[0])
+      t_theirs.append(timed(theirs)[0])
+    tok = batch * n_new
+    rows.append((batch, tok / statistics.median(t_ours), tok / statistics.median(t_theirs),
+                 warm_ours, warm_theirs, agree))
+
+  print(f"\nGreedy decoding, fp32, {jax.devices()[0].platform.upper()} "
+        f"({os.cpu_count()} cores visible, threads per framework: "
+        f"{FLAGS.threads or 'default'}); LLaMA {FLAGS.layers} layers x {FLAGS.width}, vocab "
+        f"{FLAGS.vocab}, CLIP 2 x 64 at {FLAGS.image_size}px; prompt {FLAGS.prompt_len} tokens, "
+        f"{n_new} new tokens; median of {FLAGS.repeats} interleaved calls.\n")
+  print("| batch | emola-jax tok/s | transformers tok/s | speed-up | emola-jax first call s "
+        "(compile) | transformers first call s | same tokens |")
+  print("|---|---|---|---|---|---|---|")
+  for batch, ours_tps, theirs_tps, warm_ours, warm_theirs, agree in rows:
+    print(f"| {batch} | {ours_tps:.0f} | {theirs_tps:.0f} | {ours_tps / theirs_tps:.2f}x | "
+          f"{warm_ours:.2f} | {warm_theirs:.2f} | {agree:.1%} |")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
