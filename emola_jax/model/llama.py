@@ -64,7 +64,9 @@ class DecoderBlock(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
     self.attention_impl = attention_impl
 
-  def __call__(self, x, positions, inv_freq, mask, layer_cache, cache_index, dropout_rng):
+  def __call__(self, x, positions, inv_freq, mask, cache, cache_index, dropout_rng):
+    """One layer. `cache`: None, or (layer index, k of all layers, v of all layers); the new
+    keys/values are written in place at [layer, :, cache_index:cache_index + T]."""
     b, t, _ = x.shape
     rngs = (list(jax.random.split(dropout_rng, len(LORA_TARGETS))) if dropout_rng is not None
             else [None] * len(LORA_TARGETS))
@@ -74,17 +76,20 @@ class DecoderBlock(nnx.Module):
     k = self.k_proj(h, rng["k_proj"]).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(h, rng["v_proj"]).reshape(b, t, self.num_kv_heads, self.head_dim)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    if layer_cache is not None:
-      k_all, v_all = layer_cache
-      k = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), cache_index, axis=1)
-      layer_cache = (k, v)
+    if cache is not None:
+      layer, k_all, v_all = cache
+      start = (layer, 0, cache_index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
+      v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
+      k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False)
+      cache = (k_all, v_all)
     o = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.attention_impl)
     x = x + self.o_proj(o.reshape(b, t, -1), rng["o_proj"])
     h = self.post_attention_norm(x)
     gated = jax.nn.silu(self.gate_proj(h, rng["gate_proj"])) * self.up_proj(h, rng["up_proj"])
     x = x + self.down_proj(gated, rng["down_proj"])
-    return sharding.constrain(x, sharding.BATCH_LENGTH_EMBED), layer_cache
+    return sharding.constrain(x, sharding.BATCH_LENGTH_EMBED), cache
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -138,20 +143,28 @@ class LlamaForCausalLM(nnx.Module):
     mask = causal_mask(query_slots, key_valid)
     inv_freq = rope_inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
     layer_rngs = (None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_layers))
-    layer_caches = None if cache is None else (cache.k, cache.v)
+    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
 
-    def body(block, x, xs):
-      layer_cache, rng = xs
-      return block(x, positions, inv_freq, mask, layer_cache, start, rng)
+    # The cache rides in the scan carry and each layer updates its slice in place: passing it
+    # as per-layer scan inputs/outputs would copy and re-stack the whole cache every step.
+    def body(block, carry, xs):
+      layer, rng = xs
+      if cache is None:
+        x, _ = block(carry, positions, inv_freq, mask, None, start, rng)
+        return x, None
+      x, k_all, v_all = carry
+      x, (k_all, v_all) = block(x, positions, inv_freq, mask, (layer, k_all, v_all), start, rng)
+      return (x, k_all, v_all), None
 
     x = sharding.constrain(inputs_embeds.astype(self.dtype), sharding.BATCH_LENGTH_EMBED)
-    x, new_caches = run_stack(self.blocks, x, (layer_caches, layer_rngs), body,
-                              num=cfg.num_layers, scan=self.scan_layers,
-                              remat_policy=self.remat_policy)
+    carry = x if cache is None else (x, cache.k, cache.v)
+    carry, _ = run_stack(self.blocks, carry, (layers, layer_rngs), body, num=cfg.num_layers,
+                         scan=self.scan_layers, remat_policy=self.remat_policy)
+    x = carry if cache is None else carry[0]
     x = self.norm(x)
     head = (self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...])
     logits = (x @ head.astype(self.dtype)).astype(jnp.float32)
     logits = sharding.constrain(logits, sharding.BATCH_LENGTH_VOCAB)
     if cache is not None:
-      cache = KVCache(new_caches[0], new_caches[1], key_valid, start + t)
+      cache = KVCache(carry[1], carry[2], key_valid, start + t)
     return logits, cache
