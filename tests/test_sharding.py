@@ -55,5 +55,6 @@ def test_parameters_are_sharded_as_the_rules_say(result):
   assert tp["prior_projector.linear_1.kernel"] == [None, "tensor"]
   # Pure data parallelism keeps every weight whole on every device.
   assert all(all(a is None for a in spec) for spec in result["data8"]["specs"].values())
-  # Adam moments follow their parameters.
-  assert "PartitionSpec(None, 'fsdp', 'tensor')" in result["fsdp4_tp2"]["opt_specs"]
+  # LoRA B [layers, rank, heads]: its Adam moments are sharded like it.
+  assert "P(None, None, 'tensor')" in result["fsdp4_tp2"]["opt_specs"]
+  assert "P()" not in result["fsdp4_tp2"]["opt_specs"]

@@ -35,8 +35,16 @@ def main(argv):
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          auto=_AUTO_DISTRIBUTED.value)
   from emola_jax.training import trainer  # pylint: disable=import-outside-toplevel
-  logging.set_verbosity(logging.WARNING)
-  trainer.train(_CONFIG.value, _WORKDIR.value)
+  if logging.get_verbosity() == logging.INFO:  # absl's default: keep the console readable
+    logging.set_verbosity(logging.WARNING)
+  try:
+    trainer.train(_CONFIG.value, _WORKDIR.value)
+  except (trainer.NonFiniteLossError, ValueError) as e:
+    # Errors of the run's own making (bad flags, data, a diverged loss): the message alone;
+    # --verbosity=1 shows the traceback too.
+    if logging.get_verbosity() >= logging.DEBUG:
+      raise
+    sys.exit(f"emola-train: {e}")
 
 
 def _bad_override(argv: list[str]) -> str | None:

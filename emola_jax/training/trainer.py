@@ -253,12 +253,14 @@ def setup(config: ml_collections.ConfigDict, steps: int, *, abstract_only: bool 
         weight_decay=config.train.weight_decay, max_grad_norm=config.train.max_grad_norm,
         b1=config.train.b1, b2=config.train.b2, eps=config.train.eps)
     replicated = NamedSharding(mesh, PartitionSpec())
-    init_opt = jax.jit(tx.init)
-    opt_state = (jax.eval_shape(init_opt, split.trainable) if abstract_only
-                 else init_opt(split.trainable))
-    if abstract_only:
-      # Adam's moments take the sharding of their parameter; counters are replicated.
-      opt_state = _shard_like_params(opt_state, split.trainable, replicated)
+    # Adam's moments take the sharding of their parameter; counters are replicated. (XLA cannot
+    # infer this: zeros_like does not depend on the parameter's data.)
+    opt_sh = _optimizer_shardings(jax.eval_shape(tx.init, split.trainable), split.trainable,
+                                  replicated)
+    init_opt = jax.jit(tx.init, out_shardings=opt_sh)
+    opt_state = (jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                              jax.eval_shape(tx.init, split.trainable), opt_sh)
+                 if abstract_only else init_opt(split.trainable))
     step0 = (jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated) if abstract_only
              else jax.device_put(jnp.zeros((), jnp.int32), replicated))
     rng = (jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated) if abstract_only
@@ -276,13 +278,17 @@ def setup(config: ml_collections.ConfigDict, steps: int, *, abstract_only: bool 
   return TrainSetup(mesh, rules, cfg, split, state, schedules, step_fn, eval_fn)
 
 
-def _shard_like_params(opt_state, params, replicated):
-  by_shape: dict = {}
-  for v in params.values():
-    by_shape.setdefault((v.shape, v.dtype), v.sharding)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=by_shape.get((x.shape, x.dtype), replicated)
-      if x.ndim else replicated), opt_state)
+def _optimizer_shardings(abstract_opt_state, params, replicated):
+  """Each optimizer leaf stored under a parameter's name and shape gets that parameter's sharding."""
+
+  def sharding_of(path, leaf):
+    for key in path:
+      name = getattr(key, "key", None)
+      if name in params and params[name].shape == leaf.shape:
+        return params[name].sharding
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(sharding_of, abstract_opt_state)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -328,9 +334,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     nonlocal last, window_tokens, window_start
     step, metrics, tokens = item
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not np.isfinite(metrics["loss"]):
+    if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
       raise NonFiniteLossError(
-          f"loss is {metrics['loss']} at step {step}; stopping. The last good checkpoint is "
+          f"loss is {metrics['loss']} (gradient norm {metrics['grad_norm']}) at step {step}; "
+          "stopping. The last good checkpoint is "
           f"{workdir}/checkpoints/{ckpt.latest_step()} (nothing after it was saved). Lower "
           "--config.train.lr, check the data, or use --config.model.dtype=float32.")
     window_tokens += tokens
