@@ -83,6 +83,11 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
   c.eval.every_steps = 0  # 0 = only at the end (when eval_splits is set)
   c.eval.max_batches = 0  # 0 = the whole eval split
   c.eval.batch_size = 8
+  # Also generate answers and score them with the FABA-Bench rules (S_re_<task>, S_ge_<task>,
+  # S_rege_<task>); e.g. --config.checkpoint.best_metric=S_rege_emotion --config.checkpoint.best_mode=max
+  c.eval.generate = False
+  c.eval.max_examples = 64  # per eval split, for generate; 0 = all
+  c.eval.max_new_tokens = 256
   return c
 
 

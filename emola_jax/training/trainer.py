@@ -213,7 +213,8 @@ class _Preemption:
 
 
 def evaluate(run: TrainSetup, params, frozen, config) -> dict[str, float]:
-  """Mean token loss over the eval splits (padded to full batches: one compiled shape)."""
+  """Mean token loss over the eval splits (padded to full batches: one compiled shape), and
+  with `eval.generate` the FABA-Bench scores of generated answers (`S_re_<task>`, ...)."""
   loader, _ = make_data(config, run.cfg, experiment.eval_splits(config),
                         batch_size=config.eval.batch_size, train=False, seed=0)
   total, count = 0.0, 0.0
@@ -223,7 +224,53 @@ def evaluate(run: TrainSetup, params, frozen, config) -> dict[str, float]:
     batch = _pad_rows(batch, config.eval.batch_size // jax.process_count())
     s, c = run.eval_fn(params, frozen, _model_batch(batch, run.cfg, run.mesh))
     total, count = total + float(s), count + float(c)
-  return {"eval_loss": total / max(count, 1.0), "eval_tokens": count}
+  scores = {"eval_loss": total / max(count, 1.0), "eval_tokens": count}
+  if config.eval.generate:
+    scores.update(generated_scores(run, params, frozen, config))
+  return scores
+
+
+def generated_scores(run: TrainSetup, params, frozen, config) -> dict[str, float]:
+  """FABA-Bench scores (reference protocol) of greedy answers on the first
+  `eval.max_examples` examples of each eval split, as emola-eval computes them."""
+  # pylint: disable=import-outside-toplevel
+  import transformers
+  from emola_jax.cli import eval as eval_cli
+  from emola_jax.evaluation import predict, scoring
+
+  if jax.process_count() > 1:
+    logging.warning("eval.generate runs on single-process jobs only; score the saved model "
+                    "with emola-eval")
+    return {}
+  model = run.split.merge(params, frozen)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(config.data.tokenizer)
+  loaded = predict.LoadedCheckpoint(model, run.cfg, tokenizer, "<training>",
+                                    config.data.tokenizer, "native")
+  predictor = predict.Predictor(loaded, batch_size=config.eval.batch_size,
+                                max_new_tokens=config.eval.max_new_tokens)
+  prompts = predict.PromptBuilder(tokenizer, run.cfg)
+  out: dict[str, float] = {}
+  for split in experiment.eval_splits(config):
+    source = shards.ExampleSource(config.data.dir, [split])
+    tasks = {source[i]["task"] for i in range(min(len(source), 4))}
+    if len(tasks) != 1:
+      raise ValueError(f"eval split {split!r} mixes tasks {sorted(tasks)}; use one split per task")
+    task = tasks.pop()
+    provider = make_prior_provider(config, run.cfg, source.prior_dim)
+    preparer = eval_cli.ExamplePreparer(source, split, task, run.cfg, prompts, provider,
+                                        record_prompt=False, image_mode=config.data.image_mode)
+    n = min(len(source), config.eval.max_examples or len(source))
+    records = [scoring.make_record({"prediction": o.text, "label": o.info["label"],
+                                    "reference": o.info["reference"]}, f"{split}:{i}")
+               for i, o in enumerate(predictor.run(range(n), preparer, desc=f"eval {split}",
+                                                   progress=False))
+               if o.status == predict.OK]
+    result = (scoring.score_emotion(records, "reference") if task == "emotion"
+              else scoring.score_au(records, "reference"))
+    for key in ("S_re", "S_ge", "S_rege"):
+      if result.get(key) is not None:
+        out[f"{key}_{task}"] = float(result[key])
+  return out
 
 
 @dataclasses.dataclass
