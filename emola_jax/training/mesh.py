@@ -74,9 +74,11 @@ def make_mesh(config, devices=None) -> jax.sharding.Mesh:
 
 def spec_for(shape: tuple[int, ...], axes: tuple[str | None, ...] | None, mesh, rules
              ) -> PartitionSpec:
-  """The spec of one array: its logical axes through the rules; an indivisible dim replicated."""
-  if not axes:
-    return PartitionSpec()
+  """The spec of one parameter: its logical axes through the rules; an indivisible dim is
+  replicated. A parameter the rules leave off `fsdp` (e.g. LoRA B, whose output dimension maps
+  to `tensor`) is split over `fsdp` along its largest free divisible dimension, as ZeRO-3 splits
+  every parameter."""
+  axes = tuple(axes) if axes else (None,) * len(shape)
   spec = list(logical.logical_to_spec(axes, rules))
   for i, entry in enumerate(spec):
     if entry is None:
@@ -91,6 +93,13 @@ def spec_for(shape: tuple[int, ...], axes: tuple[str | None, ...] | None, mesh, 
       logging.warning("dimension %d (%s, size %d) of a %s array is not divisible by %s=%d: "
                       "replicated", i, axes[i], shape[i], shape, entry, size)
       spec[i] = None
+  fsdp = mesh.shape.get("fsdp", 1)
+  used = {a for e in spec if e for a in ((e,) if isinstance(e, str) else e)}
+  if fsdp > 1 and "fsdp" not in used:
+    free = [i for i, e in enumerate(spec)
+            if e is None and axes[i] != "layers" and shape[i] % fsdp == 0]
+    if free:
+      spec[max(free, key=lambda i: shape[i])] = "fsdp"
   return PartitionSpec(*spec)
 
 
