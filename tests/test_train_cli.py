@@ -68,7 +68,8 @@ def test_uninterrupted_and_resumed_runs_have_bitwise_equal_losses(tmp_path, data
   assert sorted(ref_losses) == list(range(1, 9))
   rows = [json.loads(l) for l in open(tmp_path / "ref" / "metrics.jsonl")]
   rows = [r for r in rows if "eval_loss" not in r]
-  for key in ("step", "loss", "learning_rate", "tokens_per_second"):
+  for key in ("step", "loss", "learning_rate", "tokens_per_second", "mfu",
+              "model_tflops_per_second"):
     assert all(key in r for r in rows)
   assert os.listdir(tmp_path / "ref" / "tensorboard")
   assert os.path.isdir(tmp_path / "ref" / "final" / "params")

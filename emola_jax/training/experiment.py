@@ -72,6 +72,9 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
   c.log.every_steps = 10
   c.log.tensorboard = True
   c.log.progress_bar = True
+  # Peak TFLOP/s of one device for the logged MFU; 0 = the published figure of the accelerator
+  # for model.dtype, or a measured matmul peak where none is published (CPUs).
+  c.log.peak_tflops = 0.0
 
   # Device mesh (-1 = the remaining devices) and logical-axis rules (emola_jax/training/mesh.py):
   # data=-1 is data parallel, fsdp=-1 is FSDP (ZeRO-3), fsdp=-1 with tensor=T adds tensor

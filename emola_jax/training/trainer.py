@@ -11,6 +11,7 @@ with the same data stream, RNG and optimizer state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import time
@@ -33,6 +34,7 @@ from emola_jax.model.config import EmolaConfig
 from emola_jax.model import sharding as logical
 from emola_jax.model.emola import EmolaModel
 from emola_jax.training import checkpointing, experiment, optimizer, param_groups, train_step
+from emola_jax.training import flops as flops_lib
 from emola_jax.training import mesh as mesh_lib
 from emola_jax.training.metrics_log import MetricsLog
 
@@ -325,6 +327,15 @@ def setup(config: ml_collections.ConfigDict, steps: int, *, abstract_only: bool 
   return TrainSetup(mesh, rules, cfg, split, state, schedules, step_fn, eval_fn)
 
 
+def _peak_flops(config, cfg: EmolaConfig) -> float:
+  """Peak FLOP/s of one device for MFU: `log.peak_tflops`, else the published figure of this
+  accelerator for the compute dtype, else (CPUs, unknown chips) a measured matmul peak."""
+  if config.log.peak_tflops > 0:
+    return config.log.peak_tflops * 1e12
+  published = flops_lib.peak_flops(jax.devices()[0].device_kind, cfg.dtype)
+  return published or flops_lib.measured_peak_flops(cfg.dtype, n=1024, repeats=3)
+
+
 def _optimizer_shardings(abstract_opt_state, params, replicated):
   """Each optimizer leaf stored under a parameter's name and shape gets that parameter's sharding."""
 
@@ -371,15 +382,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   log = MetricsLog(workdir, enabled=is_main, tensorboard=config.log.tensorboard,
                    progress=config.log.progress_bar, total=steps, initial=start)
+  groups = param_groups.parse_trainable(config.train.trainable)
+  peak = _peak_flops(config, cfg) * jax.device_count()
+  step_flops = functools.lru_cache(maxsize=None)(
+      lambda seq_len: flops_lib.step_flops(cfg, config.train.batch_size, seq_len, groups).model)
   preemption = _Preemption()
   pending = None  # (step, metrics on device, tokens) of the step before the current one
   last: dict[str, Any] = {}
-  window_tokens, window_start = 0, time.perf_counter()
+  window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
   schedules = run.schedules
 
   def check(item) -> None:
-    nonlocal last, window_tokens, window_start
-    step, metrics, tokens = item
+    nonlocal last, window_tokens, window_flops, window_start
+    step, metrics, tokens, seq_len = item
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
       raise NonFiniteLossError(
@@ -388,6 +403,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           f"{workdir}/checkpoints/{ckpt.latest_step()} (nothing after it was saved). Lower "
           "--config.train.lr, check the data, or use --config.model.dtype=float32.")
     window_tokens += tokens
+    window_flops += step_flops(seq_len)
     log.advance()
     if step % config.log.every_steps == 0 or step == steps:
       elapsed = time.perf_counter() - window_start
@@ -395,9 +411,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
               "learning_rate": float(schedules["default"](step - 1)),
               **{f"learning_rate_{g}": float(s(step - 1)) for g, s in schedules.items()
                  if g != "default"},
-              "tokens_per_second": window_tokens / max(elapsed, 1e-9)}
+              "tokens_per_second": window_tokens / max(elapsed, 1e-9),
+              "model_tflops_per_second": window_flops / max(elapsed, 1e-9) / 1e12,
+              "mfu": window_flops / max(elapsed, 1e-9) / peak}
       log.write(last)
-      window_tokens, window_start = 0, time.perf_counter()
+      window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
 
   try:
     with jax.set_mesh(run.mesh), logical.logical_axis_rules(run.rules):
@@ -407,7 +425,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         state, metrics = run.step_fn(state, frozen, _model_batch(batch, cfg, run.mesh))
         if pending is not None:
           check(pending)
-        pending = (step, metrics, tokens)
+        pending = (step, metrics, tokens, batch["input_ids"].shape[1])
         boundary = (step % config.checkpoint.every_steps == 0 or step == steps
                     or preemption.check(step))
         do_eval = bool(experiment.eval_splits(config)) and (
