@@ -1,7 +1,7 @@
 """Performance benchmark: emola-jax against the PyTorch `transformers` stack, and against the chip.
 
   python -m emola_jax.bench [--config=configs/bench.py] [--parts=peak,train,loader,decode]
-      [--steps=5] [--batch=N] [--seq_len=N] [--output=results.json]
+      [--steps=5] [--batch=N] [--seq_len=N] [--json=results.json]
   python -m emola_jax.bench --parts=variants          # remat policy / scan / dropout variants
   python -m emola_jax.bench --device=gpu --config=configs/emola_lora.py --parts=peak,train \
       --batch=8 --seq_len=2048                       # a GPU: MFU of the 7B LoRA step
@@ -112,7 +112,7 @@ _VARIANTS = flags.DEFINE_multi_string(
     "repeat the flag for more; an empty one is the config as is.")
 _VARIANT_STEPS = flags.DEFINE_integer("variant_steps", 3, "Timed steps per variant.")
 _SEED = flags.DEFINE_integer("bench_seed", 0, "Seed of the synthetic batch and examples.")
-_OUTPUT = flags.DEFINE_string("output", None, "Also write the results as JSON to this file.")
+_OUTPUT = flags.DEFINE_string("json", None, "Also write the results as JSON to this file.")
 
 
 # ----------------------------------------------------------------------------- shared helpers

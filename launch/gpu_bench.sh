@@ -35,4 +35,4 @@ out="${OUT:-bench_gpu_$(date -u +%Y%m%dT%H%M%SZ).json}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 
 exec "$python" -m emola_jax.bench --device="$device" --config="$config" --parts=peak,train \
-  --notorch --batch="$batch" --seq_len="$seq_len" --steps="$steps" --output="$out" "$@"
+  --notorch --batch="$batch" --seq_len="$seq_len" --steps="$steps" --json="$out" "$@"

@@ -45,7 +45,7 @@ def test_bench_all_parts_on_the_tiny_model(tmp_path):
                "--loader_batches=2", "--loader_workers=0", "--decode_batch_sizes=2",
                "--decode_new_tokens=4", "--decode_repeats=1", "--decode_prompt_len=24",
                "--variant=model.remat_policy=full model.scan_layers=false",
-               "--variant_steps=1", f"--output={out}"])
+               "--variant_steps=1", f"--json={out}"])
   for title in ("## Matmul peak", "## Train step", "## Loader", "## Greedy decoding",
                 "## Train-step variants", "| emola-jax |", "| transformers |"):
     assert title in proc.stdout
