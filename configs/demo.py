@@ -58,7 +58,7 @@ def get_config():
   # Measured (docs/demo.md): the model starts to read the prior token after ~200-400 steps; by
   # ~800 it names the emotion of nearly every held-out face. lr 5e-3 was slower, not faster.
   c.train.batch_size = 16
-  c.train.num_steps = 1000
+  c.train.num_steps = 1500
   c.train.lr = 3e-3
   c.train.group_lrs.projector = 3e-3
   c.train.warmup_ratio = 0.05

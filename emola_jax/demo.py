@@ -366,7 +366,8 @@ def summary_markdown(summary: dict) -> str:
                      f"{os.path.basename(row['path'])}: {text}")
   lines += ["", "| stage | seconds |", "|---|---|"]
   lines += [f"| {k} | {v:.1f} |" for k, v in summary["seconds"].items()]
-  lines += ["", f"Total: {summary['total_seconds']:.1f} s; load average at start / end: "
+  lines += ["", f"Total: {summary['total_seconds']:.1f} s for this invocation (stages reused from "
+            f"an earlier run of the same workdir take ~0 s); load average at start / end: "
             f"{summary['load_average']['start']} / {summary['load_average']['end']} on "
             f"{summary['cpus']} CPU(s).", "",
             f"Sample faces: {summary['sample_grid']}", ""]
@@ -387,7 +388,7 @@ def print_summary(summary: dict) -> None:
         text = (row.get("text") or row.get("reason") or "").replace("\n", " ")
         print(f"photo {os.path.basename(row['path'])} ({task}, prior "
               f"{run['prior_position']}): {text[:150]}")
-  print(f"time: {summary['total_seconds']:.0f} s in all ("
+  print(f"time of this invocation: {summary['total_seconds']:.0f} s in all ("
         + ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items()) + ")")
   print(f"load average start/end: {summary['load_average']['start']} / "
         f"{summary['load_average']['end']} ({summary['cpus']} CPUs)")

@@ -18,6 +18,7 @@ from PIL import Image
 from emola_jax.cli import prepare
 from emola_jax.data import shards
 from emola_jax.data.skips import StrictSkipError
+from emola_jax.training import experiment
 from tests.test_classic_converters import build_bp4d, build_rafdb
 from tests.test_faba_reader import (EXPECTED_TRAIN_SKIPS, build_test_file, build_train_file,
                                     faba_record, write_image)
@@ -84,13 +85,13 @@ def test_faba_pipeline_counts_every_skip(tmp_path, faba_root):
   printed = io.StringIO()
   metas = prepare.prepare("faba", str(root), str(out_dir), examples_per_shard=3, workers=2,
                           out=printed)
-  assert sorted(metas) == ["test", "train"]  # Split names from emotion_train/emotion_test.json.
-  train = metas["train"]
+  assert sorted(metas) == ["emotion_test", "emotion_train"]  # "<task>_<split>", as emola-train reads
+  train = metas["emotion_train"]
   assert train["count"] == len(kept) == 4 and train["prior_dim"] == 212
   assert {r: v["count"] for r, v in train["skips"].items()} == TRAIN_SKIPS
   assert train["format"] == "faba" and train["prior"] == "npy"
-  assert shards.read_meta(out_dir, "train") == train
-  source = shards.open_split(out_dir, "train")
+  assert shards.read_meta(out_dir, "emotion_train") == train
+  source = shards.open_split(out_dir, "emotion_train")
   assert [source[i]["id"] for i in range(len(source))] == [r["id"] for r in kept]
   for i, record in enumerate(kept):
     example = source[i]
@@ -101,18 +102,18 @@ def test_faba_pipeline_counts_every_skip(tmp_path, faba_root):
     assert example["conversations"] == record["conversations"]
     assert example["task"] == "emotion" and example["label"] == "" and example["gpt4"] == ""
     assert example["source"] == "AffectNet"
-  test = shards.open_split(out_dir, "test")
+  test = shards.open_split(out_dir, "emotion_test")
   assert [test[i]["label"] for i in range(len(test))] == ["Happiness", "Surprise", "Anger"]
   assert test[0]["gpt4"] == "Reference description 0."
-  assert {r: v["count"] for r, v in metas["test"]["skips"].items()} == {
+  assert {r: v["count"] for r, v in metas["emotion_test"]["skips"].items()} == {
       "bad_label": 1, "no_gpt_turn": 1}
   text = printed.getvalue()
-  assert "train: 4 examples in 2 shard(s)" in text
+  assert "emotion_train: 4 examples in 2 shard(s)" in text
   for reason, count in TRAIN_SKIPS.items():
     assert any(line.split()[:3] == [reason, "error", str(count)] for line in text.splitlines())
   assert f"{root}/emotion_train.json id=AffectNet/AffectNet_v2/689/truncated" in text
   summary = json.loads((out_dir / "prepare.json").read_text())
-  assert summary["splits"] == {"train": 4, "test": 3}
+  assert summary["splits"] == {"emotion_train": 4, "emotion_test": 3}
 
 
 def test_strict_and_prior_none(tmp_path, faba_root):
@@ -176,7 +177,7 @@ def test_cli_faba_strict_and_malformed_json(tmp_path, faba_root, capsys):
   root, kept = faba_root
   assert _cli([f"--input={root}", f"--output={tmp_path / 'a'}", "--format=faba",
                "--task=emotion", "--examples_per_shard=2"]) == 0
-  assert shards.read_meta(tmp_path / "a", "train")["count"] == len(kept)
+  assert shards.read_meta(tmp_path / "a", "emotion_train")["count"] == len(kept)
   assert "missing_image" in capsys.readouterr().out
   assert _cli([f"--input={root}", f"--output={tmp_path / 'b'}", "--strict"]) == 1
   err = capsys.readouterr().err  # The test file is read first (sorted names).
@@ -218,11 +219,11 @@ def test_cli_rafdb_selected_split(tmp_path, capsys):
     f.write(b"GIF89a")  # corrupt
   assert _cli(["--format=rafdb", f"--input={root}", f"--output={tmp_path / 'out'}",
                "--splits=test", "--seed=5"]) == 0
-  meta = shards.read_meta(tmp_path / "out", "test")
+  meta = shards.read_meta(tmp_path / "out", "emotion_test")
   assert meta["count"] == 1 and meta["source"] == "rafdb" and meta["prior_dim"] == 0
   assert {r: v["count"] for r, v in meta["skips"].items()} == {"corrupt_image": 1}
-  assert not os.path.exists(tmp_path / "out" / "train.meta.json")
-  example = shards.open_split(tmp_path / "out", "test")[0]
+  assert not os.path.exists(tmp_path / "out" / "emotion_train.meta.json")
+  example = shards.open_split(tmp_path / "out", "emotion_test")[0]
   assert example["label"] == "Happiness" and example["source"] == "RAF-DB"
   assert example["conversations"][0]["value"].endswith("\n<image>")
   summary = json.loads((tmp_path / "out" / "prepare.json").read_text())
@@ -244,10 +245,10 @@ def test_classic_landmark_dir(tmp_path):
     np.save(path, priors[stem])
   metas = prepare.prepare("rafdb", str(root), str(tmp_path / "o"), landmark_dir="landmarks",
                           out=io.StringIO())
-  assert metas["test"]["count"] == 2 and metas["test"]["prior_dim"] == 212
+  assert metas["emotion_test"]["count"] == 2 and metas["emotion_test"]["prior_dim"] == 212
   # Six training images have no .npy in the landmark folder.
-  assert metas["train"]["count"] == 1 and metas["train"]["skips"]["missing_landmark"]["count"] == 6
-  test = shards.open_split(tmp_path / "o", "test")
+  assert metas["emotion_train"]["count"] == 1 and metas["emotion_train"]["skips"]["missing_landmark"]["count"] == 6
+  test = shards.open_split(tmp_path / "o", "emotion_test")
   np.testing.assert_array_equal(test[1]["prior"], priors["test_0002"].ravel())
 
 
@@ -256,32 +257,36 @@ def test_cli_bp4d_fold(tmp_path):
   good = build_bp4d(root)
   assert _cli(["--format=bp4d", f"--input={root}", f"--output={tmp_path / 'out'}", "--fold=0",
                "--num_folds=3"]) == 0
-  train = shards.read_meta(tmp_path / "out", "train")
-  test = shards.read_meta(tmp_path / "out", "test")
+  train = shards.read_meta(tmp_path / "out", "au_train")
+  test = shards.read_meta(tmp_path / "out", "au_test")
   assert train["count"] + test["count"] == sum(good.values())
   assert train["num_folds"] == 3 and train["fold"] == 0 and train["tasks"] == {"au": train["count"]}
-  ids = [shards.open_split(tmp_path / "out", "test")[i]["id"] for i in range(test["count"])]
+  ids = [shards.open_split(tmp_path / "out", "au_test")[i]["id"] for i in range(test["count"])]
   assert all(i.startswith("BP4D/") for i in ids)
   # Every fold as its own split, into the same folder: the earlier train/test are pointed out.
   printed = io.StringIO()
   metas = prepare.prepare("bp4d", str(root), str(tmp_path / "out"), out=printed)
   assert sorted(metas) == ["fold0", "fold1", "fold2"]
   assert sum(m["count"] for m in metas.values()) == sum(good.values())
-  assert "splits ['test', 'train'] from an earlier run" in printed.getvalue()
+  assert "splits ['au_test', 'au_train'] from an earlier run" in printed.getvalue()
 
 
 def test_cli_synthetic(tmp_path):
   out_dir = tmp_path / "syn"
   assert _cli(["--format=synthetic", f"--output={out_dir}", "--task=emotion", "--num_train=4",
                "--num_test=2", "--image_size=48", "--seed=1"]) == 0
-  train = shards.read_meta(out_dir, "train")
-  test = shards.read_meta(out_dir, "test")
+  train = shards.read_meta(out_dir, "emotion_train")
+  test = shards.read_meta(out_dir, "emotion_test")
   assert (train["count"], test["count"]) == (4, 2)
   assert train["skips"] == {} and train["prior_dim"] > 0
-  example = shards.open_split(out_dir, "test")[0]
+  example = shards.open_split(out_dir, "emotion_test")[0]
   with Image.open(io.BytesIO(example["image_bytes"])) as image:
     assert image.size == (48, 48)
   assert example["label"] and example["gpt4"]
   assert example["prior"].shape == (train["prior_dim"],)
   # The source is picklable, as Grain worker processes need.
-  assert pickle.loads(pickle.dumps(shards.open_split(out_dir, "train")))[3]["task"] == "emotion"
+  assert pickle.loads(pickle.dumps(shards.open_split(out_dir, "emotion_train")))[3]["task"] == "emotion"
+  # A single-task set is named as emola-train reads it by default (it once was "train"/"test").
+  config = experiment.base_config()
+  config.task = "emotion"
+  assert experiment.train_splits(config) == ["emotion_train"]

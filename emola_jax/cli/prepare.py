@@ -75,7 +75,8 @@ def _faba_files(input_dir: str, splits: Sequence[str] | None,
       chosen[name] = path
     return chosen
   # Every *.json of the root whose name tells its task (others, e.g. dataset_info.json, are
-  # not annotation files). With both tasks present and no --task, splits are "<task>_<split>".
+  # not annotation files). Train/test splits are always "<task>_<split>", the names emola-train
+  # reads by default, whether one task or both are present.
   found: dict[str, list[str]] = {}
   for name in sorted(n for n in os.listdir(input_dir) if n.lower().endswith(".json")):
     try:
@@ -87,7 +88,7 @@ def _faba_files(input_dir: str, splits: Sequence[str] | None,
   for file_task, names in found.items():
     for name in names:
       split = _split_name_of(name)
-      if len(found) > 1 and split in ("train", "test"):
+      if split in ("train", "test"):
         split = f"{file_task}_{split}"
       if split in chosen:
         raise PrepareError(f"{input_dir}: {os.path.basename(chosen[split])} and {name} would both "
@@ -143,6 +144,12 @@ def load_records(source_format: str, input_dir: str, *, splits: Sequence[str] | 
       raise PrepareError(f"--splits names {unknown}, but {source_format} gives {sorted(records)}")
     records = {s: records[s] for s in splits}
     reports = {s: r for s, r in reports.items() if s in splits or s == ""}
+  # Named as FABA splits are ("rafdb" train -> "emotion_train"), so emola-train's default
+  # "<task>_train" finds them; other split names (folds) stay.
+  task_of = classic.TASK_OF[source_format]
+  name = {s: f"{task_of}_{s}" if s in ("train", "test") else s for s in records}
+  records = {name[s]: r for s, r in records.items()}
+  reports = {name.get(s, s): r for s, r in reports.items()}
   return records, reports, {s: f"{input_dir} ({source_format} {s})" for s in records}
 
 
@@ -312,7 +319,7 @@ def prepare(source_format: str, input_dir: str, output_dir: str,
     input_dir: the data root (for `synthetic`: ignored, the data goes to `<output_dir>/raw`).
     output_dir: where shards, metas and `prepare.json` are written.
     splits: faba: "name=file.json" or "file.json" items (default: every *.json of the root
-      whose name tells its task; "<task>_<split>" names when both tasks are present);
+      whose name tells its task, as "<task>_train" / "<task>_test" splits);
       classic: which of the converter's splits to write (default: all).
     strict: the first bad record raises `StrictSkipError` instead of being skipped.
     task: "emotion"/"au"; faba: overrides the file-name inference; classic: checked.

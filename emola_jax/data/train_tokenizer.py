@@ -1,21 +1,25 @@
 """Train a small LLaMA-format SentencePiece tokenizer on the text of a FABA-Instruct-layout dataset.
 
 The real EmoLA uses LLaMA's 32k vocabulary. A model trained from scratch on synthetic faces
-needs far fewer ids, and a domain vocabulary makes prompts and answers short (whole words such
-as "▁eyebrows" or "▁ASSISTANT" become single pieces), which is what makes a CPU demo fast.
+needs far fewer ids, and a domain vocabulary makes prompts and answers short, which is what makes
+a CPU demo fast. Pieces may span spaces (`multiword`, the default here; LLaMA's do not): the
+demo's 2k vocabulary turns "▁The▁face▁in▁the▁image▁expresses" or the system prompt's
+"▁artificial▁intelligence▁assistant" into one id each, so an emotion answer is ~12-25 ids
+instead of ~35-60 with whole-word pieces.
 
-The model is trained with LLaMA's settings: BPE, byte fallback (any text stays encodable),
-split digits, `<unk>`=0, `<s>`=1, `</s>`=2, no pad id, identity normalisation, whitespace kept,
-dummy prefix. It is saved as `<output>/tokenizer.model` and, through
-`transformers.LlamaTokenizer.save_pretrained`, as a folder `AutoTokenizer.from_pretrained`
-loads like a real checkpoint's tokenizer.
+Everything else follows LLaMA: BPE, byte fallback (any text stays encodable), split digits,
+`<unk>`=0, `<s>`=1, `</s>`=2, no pad id, identity normalisation, whitespace kept, dummy prefix.
+It is saved as `<output>/tokenizer.model` and, through `transformers.LlamaTokenizer`'s
+`save_pretrained`, as a folder `AutoTokenizer.from_pretrained` loads like a real checkpoint's
+tokenizer (BOS added, EOS not).
 
-Training text: every conversation of the dataset's training JSON files (`*train*.json`), cut into
-conversation of the dataset's training JSON files (`*train*.json`); test answers are never read,
-so held-out references do not shape the vocabulary.
+Training text: the dataset's training JSON files (`*train*.json`), cut into the very chunks
+`emola_jax.data.tokenize` encodes (system prompt + "USER: ", question + " ASSISTANT:", answer),
+plus the FABA-Bench evaluation prompts. Test files are never read, so held-out references do not
+shape the vocabulary.
 
   python -m emola_jax.data.train_tokenizer --data_dir=DATA --output=DATA/tokenizer \
-      --vocab_size=1023
+      --vocab_size=2047
 """
 
 from __future__ import annotations
@@ -149,7 +153,8 @@ def _define_flags():
   flags.DEFINE_string("data_dir", None, "FABA-Instruct-layout folder with *train*.json files.",
                       required=True)
   flags.DEFINE_string("output", None, "Tokenizer folder to write.", required=True)
-  flags.DEFINE_integer("vocab_size", 1023, "Vocabulary size at most (byte pieces included).")
+  flags.DEFINE_integer("vocab_size", 2047, "Vocabulary size at most (byte pieces included).")
+  flags.DEFINE_bool("multiword", True, "Let pieces span spaces (shorter sequences).")
   return flags.FLAGS
 
 
@@ -160,7 +165,8 @@ def run() -> None:
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    size = train_tokenizer(flag_values.data_dir, flag_values.output, flag_values.vocab_size)
+    size = train_tokenizer(flag_values.data_dir, flag_values.output, flag_values.vocab_size,
+                           multiword=flag_values.multiword)
     print(f"tokenizer: {size} ids -> {flag_values.output}")
 
   app.run(main)
