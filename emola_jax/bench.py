@@ -413,7 +413,8 @@ def _devices():
 def _train_flops(config, cfg, batch: int, seq_len: int):
   from emola_jax.training import flops, param_groups  # pylint: disable=import-outside-toplevel
 
-  return flops.step_flops(cfg, batch, seq_len, param_groups.parse_trainable(config.train.trainable))
+  return flops.step_flops(cfg, batch, seq_len, param_groups.parse_trainable(config.train.trainable),
+                          config.train.target_logits_only)
 
 
 def part_train(config, batch: int, seq_len: int, peaks: PeakProbes | None,

@@ -57,7 +57,7 @@ def test_bench_all_parts_on_the_tiny_model(tmp_path):
   assert ours["trainable_parameters"] == theirs["trainable_parameters"]
   cfg = experiment.model_config(_tiny_config())
   groups = param_groups.parse_trainable("emola")
-  expected = flops.step_flops(cfg, 2, 64, groups)
+  expected = flops.step_flops(cfg, 2, 64, groups, target_logits_only=True)
   assert train["model_flops_per_step"] == pytest.approx(expected.model)
   for side in (ours, theirs):
     assert len(side["step_seconds"]) == 2
@@ -75,7 +75,7 @@ def test_bench_all_parts_on_the_tiny_model(tmp_path):
   assert decode["batch"] == 2 and decode["same_tokens"] == 1.0  # greedy: identical tokens
   (variant,) = r["variants"]
   assert variant["variant"] == "model.remat_policy=full model.scan_layers=false"
-  full = flops.step_flops(cfg.replace(remat_policy="full"), 2, 64, groups)
+  full = flops.step_flops(cfg.replace(remat_policy="full"), 2, 64, groups, True)
   assert variant["hardware_flops_per_step"] == pytest.approx(full.hardware)
   assert r["meta"]["load_average_before"] and r["meta"]["load_average_after"]
 

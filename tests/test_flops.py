@@ -71,6 +71,12 @@ def test_hand_count_emola_recipe():
   assert got.model == 376_768  # the same, summed by hand
   assert got.extra == {"masked_attention": attention}  # the causal half XLA still computes
   assert got.tokens == N
+  # With train.target_logits_only the LM head runs on the T - 1 - slots positions per row
+  # that can precede a target.
+  only = flops.step_flops(_hand_config(), B, T, EMOLA, target_logits_only=True)
+  slots = _hand_config().num_image_slots
+  assert only.parts["lm_head"] == 2 * mm(B * (T - 1 - slots), 16, 32)
+  assert only.model == got.model - lm_head + only.parts["lm_head"]
 
 
 def test_hand_count_lora_only_skips_gradients_nothing_needs():
@@ -144,7 +150,8 @@ def _xla_config(**changes) -> EmolaConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def _xla_flops(cfg: EmolaConfig, groups: tuple[str, ...], batch: int, seq: int) -> float:
+def _xla_flops(cfg: EmolaConfig, groups: tuple[str, ...], batch: int, seq: int,
+               target_logits_only: bool = False) -> float:
   """XLA's FLOP count of the compiled train step (cached: compiling takes seconds)."""
   abstract = nnx.eval_shape(lambda: EmolaModel(cfg, rngs=nnx.Rngs(0)))
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
@@ -161,7 +168,8 @@ def _xla_flops(cfg: EmolaConfig, groups: tuple[str, ...], batch: int, seq: int) 
                   "pixel_values": ((batch, 3, size, size), jnp.float32),
                   "prior": ((batch, cfg.prior_dim), jnp.float32)}
   batch_spec = {k: jax.ShapeDtypeStruct(*v) for k, v in batch_shapes.items()}
-  step = train_step.make_train_step(split, tx, dropout=False)
+  step = train_step.make_train_step(split, tx, dropout=False,
+                                    target_logits_only=target_logits_only)
   compiled = jax.jit(step).lower(state, split.frozen, batch_spec).compile()
   return float(compiled.cost_analysis()["flops"])
 
@@ -171,11 +179,12 @@ def _xla_flops(cfg: EmolaConfig, groups: tuple[str, ...], batch: int, seq: int) 
 XLA_OVER = (1.0, 1.06)
 
 
-@pytest.mark.parametrize("remat,groups", [("none", EMOLA), ("full", ("lora",))])
-def test_matches_xla_cost_analysis(remat, groups):
+@pytest.mark.parametrize("remat,groups,only_targets", [
+    ("none", EMOLA, False), ("none", EMOLA, True), ("full", ("lora",), False)])
+def test_matches_xla_cost_analysis(remat, groups, only_targets):
   cfg = _xla_config(remat_policy=remat)
-  ours = flops.step_flops(cfg, 2, 64, groups)
-  xla = _xla_flops(cfg, groups, 2, 64)
+  ours = flops.step_flops(cfg, 2, 64, groups, only_targets)
+  xla = _xla_flops(cfg, groups, 2, 64, only_targets)
   assert XLA_OVER[0] <= xla / ours.hardware <= XLA_OVER[1], (xla, ours)
 
 

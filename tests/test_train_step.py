@@ -42,6 +42,57 @@ def test_token_loss_matches_hand_computation():
   np.testing.assert_allclose(float(total), -(lp[0, 0, 3] + lp[0, 2, 4]), rtol=1e-6)
 
 
+def test_target_positions_lists_predicting_positions_in_order():
+  mask = jnp.asarray([[0, 1, 0, 1, 1], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]])
+  at, hit = train_step.target_positions(mask, 3)
+  # Row 0: targets at 1, 3, 4 are predicted from 0, 2, 3.
+  np.testing.assert_array_equal(np.asarray(at)[0], [0, 2, 3])
+  np.testing.assert_array_equal(np.asarray(hit), [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+  assert int(np.asarray(at)[1, 0]) == 3
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_target_logits_only_gives_the_same_loss_and_gradients(micro):
+  config = presets.get("tiny").replace(**{"lora.rank": 4, "lora.alpha": 8.0})
+  model = EmolaModel(config, rngs=nnx.Rngs(0))
+  split = param_groups.SplitModel.from_model(model, param_groups.parse_trainable("emola"))
+  tx = optax.sgd(1.0)
+  batch = _batch(config, text=12)
+  batch["loss_mask"][1, -4:] = 0  # rows with different target counts
+  batch["loss_mask"][2, 3 + config.num_image_slots] = 1  # a target early in the text
+  out = {}
+  for only in (True, False):
+    state = train_step.TrainState(jnp.zeros((), jnp.int32), split.trainable,
+                                  tx.init(split.trainable), jax.random.key(0))
+    step = jax.jit(train_step.make_train_step(split, tx, micro_batches=micro, dropout=False,
+                                              target_logits_only=only))
+    out[only] = step(state, split.frozen, batch)
+  (s1, m1), (s2, m2) = out[True], out[False]
+  np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+  assert float(m1["supervised_tokens"]) == float(m2["supervised_tokens"])
+  assert float(m1["unscored_targets"]) == float(m2["unscored_targets"]) == 0
+  for k in s1.params:
+    np.testing.assert_allclose(np.asarray(s1.params[k]), np.asarray(s2.params[k]),
+                               rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_targets_beyond_the_logit_positions_are_counted_not_lost():
+  """A row without image slots but with images in the batch can hold more targets than the
+  T - 1 - slots positions given logits; they are counted as unscored (the trainer raises)."""
+  config = presets.get("tiny").replace(**{"lora.rank": 4, "lora.alpha": 8.0})
+  model = EmolaModel(config, rngs=nnx.Rngs(0))
+  split = param_groups.SplitModel.from_model(model, param_groups.parse_trainable("emola"))
+  batch = _batch(config, batch=2, text=6)
+  batch["loss_mask"][0, 1:] = 1  # every position a target: T - 1 of them
+  loss, (count, unscored) = train_step.make_eval_step(split)(split.trainable, split.frozen,
+                                                             batch)
+  total = batch["loss_mask"][:, 1:].sum()
+  assert float(count) == total and float(unscored) == config.num_image_slots
+  loss_all, (_, unscored_all) = train_step.make_eval_step(split, False)(
+      split.trainable, split.frozen, batch)
+  assert float(unscored_all) == 0 and float(loss_all) > float(loss)
+
+
 def test_schedule_is_warmup_then_cosine():
   schedule = optimizer.warmup_cosine(1e-4, total_steps=100, warmup_steps=3)
   assert float(schedule(0)) == 0.0

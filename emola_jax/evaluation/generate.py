@@ -197,16 +197,23 @@ class Generator:
   The parameters are read once, at construction; call `refresh(model)` after changing them (e.g.
   between training evaluations). `num_traces` counts how often the loop was traced (= compiled),
   which shows whether the buckets hold.
+
+  `unstack_layers` (default True) slices each decoder layer's weights out of the stacked
+  parameters once per call, before the token loop, instead of once per layer and token inside
+  it: the loop then reads the weights where they lie (on a CPU, measured in BENCHMARKS.md, the
+  per-token copies were most of a decoding step). It costs one transient copy of the decoder's
+  layer weights per call; False keeps the scan and no extra memory.
   """
 
   def __init__(self, model: EmolaModel, *, length_bucket: int = 64,
-               batch_buckets: Sequence[int] | None = None):
+               batch_buckets: Sequence[int] | None = None, unstack_layers: bool = True):
     if length_bucket < 1:
       raise ValueError(f"generate: length_bucket={length_bucket} must be >= 1")
     self._graphdef, self._state = nnx.split(model)
     self.config = model.config
     self.length_bucket = length_bucket
     self.batch_buckets = tuple(batch_buckets) if batch_buckets else None
+    self.unstack_layers = unstack_layers
     self.num_traces = 0
     self._loop = jax.jit(self._decode, static_argnames=("max_new_tokens", "do_sample",
                                                          "return_logits"))
@@ -284,12 +291,13 @@ class Generator:
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1, 0)
     # The last generated token is never fed back, so the cache needs width + steps - 1 slots.
     cache = model.init_cache(rows, width + steps - 1)
+    layers = lm.unstacked_layers() if self.unstack_layers else None
     # Prefill all but the last prompt token; their logits are unused, so XLA drops the LM head
     # over the whole prompt and only the last token's [B, 1, V] logits are computed.
     _, cache = lm(embeds[:, :-1], attention_mask=attention_mask[:, :-1],
-                  positions=positions[:, :-1], cache=cache)
+                  positions=positions[:, :-1], cache=cache, layers=layers)
     logits, cache = lm(embeds[:, -1:], attention_mask=attention_mask[:, -1:],
-                       positions=positions[:, -1:], cache=cache)
+                       positions=positions[:, -1:], cache=cache, layers=layers)
     first_new_position = positions[:, -1] + 1  # [B]
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(rows))
 
@@ -339,7 +347,7 @@ class Generator:
       previous = jax.lax.dynamic_index_in_dim(carry["tokens"], step - 1, axis=1)  # [B, 1]
       logits, cache = lm(lm.embed(previous), attention_mask=jnp.ones((rows, 1), bool),
                          positions=(first_new_position + step - 1)[:, None],
-                         cache=carry["cache"])
+                         cache=carry["cache"], layers=layers)
       carry = choose(carry, step, logits[:, -1])
       carry["cache"] = cache
       carry["step"] = step + 1

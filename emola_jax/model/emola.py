@@ -86,10 +86,11 @@ class EmolaModel(nnx.Module):
   def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None,
                attention_mask: jax.Array | None = None,
                prior_features: jax.Array | None = None, *, positions: jax.Array | None = None,
-               dropout_rng: jax.Array | None = None) -> jax.Array:
+               dropout_rng: jax.Array | None = None,
+               logits_at: jax.Array | None = None) -> jax.Array:
     embeds = self.embed_inputs(input_ids, pixel_values, prior_features)
     logits, _ = self.language_model(embeds, attention_mask=attention_mask, positions=positions,
-                                    dropout_rng=dropout_rng)
+                                    dropout_rng=dropout_rng, logits_at=logits_at)
     return logits
 
   def init_cache(self, batch: int, max_len: int) -> KVCache:

@@ -7,6 +7,7 @@ Every parameter is created with its logical axis names in the `out_sharding` met
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -58,17 +59,61 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
     x = x.astype(self.dtype)
-    y = x @ self.kernel[...].astype(self.dtype)
-    if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
-    if self.lora_a is not None:
+    kernel = self.kernel[...].astype(self.dtype)
+    if self.lora_a is None:
+      y = x @ kernel
+    else:
       h = x
       if dropout_rng is not None and self.lora_dropout > 0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - self.lora_dropout, h.shape)
         h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(self.dtype)
-      h = h @ self.lora_a[...].astype(self.dtype)
-      y = y + self.lora_scale * (h @ self.lora_b[...].astype(self.dtype))
+      y = lora_matmul(x, h, kernel, self.lora_a[...].astype(self.dtype),
+                      self.lora_b[...].astype(self.dtype), self.lora_scale)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
     return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def lora_matmul(x: jax.Array, x_lora: jax.Array, kernel: jax.Array, a: jax.Array, b: jax.Array,
+                scale: float) -> jax.Array:
+  """x @ kernel + scale * (x_lora @ a) @ b over the last axis (x_lora: x after LoRA dropout).
+
+  The backward is written out so that every weight-gradient matmul contracts the token axis
+  with the small rank-r operand transposed: left to autodiff, XLA:CPU transposed the large
+  [tokens, out] output gradient instead, through slow strided copies (~13% of a LoRA step at the
+  bench config; BENCHMARKS.md).
+  """
+  return _lora_forward(x, x_lora, kernel, a, b, scale)[0]
+
+
+def _lora_forward(x, x_lora, kernel, a, b, scale):
+  h = x_lora @ a
+  return x @ kernel + scale * (h @ b), h
+
+
+def _lora_fwd(x, x_lora, kernel, a, b, scale):
+  y, h = _lora_forward(x, x_lora, kernel, a, b, scale)
+  return y, (x, x_lora, kernel, a, b, h)
+
+
+def _lora_bwd(scale, residuals, g):
+  x, x_lora, kernel, a, b, h = residuals
+  tokens = math.prod(g.shape[:-1])
+  g2, x2, xl2, h2 = (t.reshape(tokens, t.shape[-1]) for t in (g, x, x_lora, h))
+  g_h = scale * (g2 @ b.T)  # [N, r]
+  # [r, N] operands, materialised (the barrier keeps XLA from folding the transposes back into
+  # the dots as a transposed large operand).
+  h_t, g_h_t = jax.lax.optimization_barrier((h2.T, g_h.T))
+  grad_b = scale * (h_t @ g2)  # [r, out]
+  grad_a = (g_h_t @ xl2).T  # [in, r]
+  grad_x = (g2 @ kernel.T).reshape(x.shape)
+  grad_x_lora = (g_h @ a.T).reshape(x_lora.shape)
+  grad_kernel = x2.T @ g2  # only computed when the base weight trains (else XLA drops it)
+  return grad_x, grad_x_lora, grad_kernel, grad_a, grad_b
+
+
+lora_matmul.defvjp(_lora_fwd, _lora_bwd)
 
 
 class LayerNorm(nnx.Module):

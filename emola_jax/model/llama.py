@@ -16,7 +16,7 @@ from emola_jax.model import sharding
 from emola_jax.model.attention import apply_rope, attention, causal_mask, rope_inverse_frequencies
 from emola_jax.model.config import LoraConfig, TextConfig
 from emola_jax.model.layers import Linear, RMSNorm, make_param
-from emola_jax.model.stack import create_stack, run_stack
+from emola_jax.model.stack import create_stack, run_stack, unstack
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -112,12 +112,19 @@ class LlamaForCausalLM(nnx.Module):
     self.scan_layers = scan_layers
     self.remat_policy = remat_policy
 
+  def unstacked_layers(self) -> list[nnx.Module]:
+    """The decoder blocks with their weights sliced out of the stack once (see `stack.unstack`);
+    pass them as `layers=` to calls in a loop."""
+    return unstack(self.blocks, self.cfg.num_layers)
+
   def embed(self, token_ids: jax.Array) -> jax.Array:
     return jnp.take(self.embed_tokens[...], token_ids, axis=0).astype(self.dtype)
 
   def __call__(self, inputs_embeds: jax.Array, *, attention_mask: jax.Array | None = None,
                positions: jax.Array | None = None, cache: KVCache | None = None,
-               dropout_rng: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+               dropout_rng: jax.Array | None = None,
+               logits_at: jax.Array | None = None,
+               layers: list[nnx.Module] | None = None) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder.
 
     Args:
@@ -126,9 +133,13 @@ class LlamaForCausalLM(nnx.Module):
       positions: rotary positions [B, T] (default: the slot index, as `transformers` does).
       cache: a KV cache whose slots [index, index + T) receive this call's keys and values.
       dropout_rng: LoRA dropout key; None = deterministic.
+      logits_at: [B, K] positions whose logits are computed (default: all T). Training scores
+        a fraction of the positions; the LM head is the largest matmul of a small model.
+      layers: the decoder blocks as `unstacked_layers()` returned them (default: the stacked
+        blocks, scanned or looped as configured).
 
     Returns:
-      (logits [B, T, V] in float32, the updated cache or None).
+      (logits [B, T or K, V] in float32, the updated cache or None).
     """
     cfg = self.cfg
     b, t, _ = inputs_embeds.shape
@@ -143,7 +154,7 @@ class LlamaForCausalLM(nnx.Module):
     mask = causal_mask(query_slots, key_valid)
     inv_freq = rope_inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
     layer_rngs = (None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_layers))
-    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
 
     # The cache rides in the scan carry and each layer updates its slice in place: passing it
     # as per-layer scan inputs/outputs would copy and re-stack the whole cache every step.
@@ -158,9 +169,12 @@ class LlamaForCausalLM(nnx.Module):
 
     x = sharding.constrain(inputs_embeds.astype(self.dtype), sharding.BATCH_LENGTH_EMBED)
     carry = x if cache is None else (x, cache.k, cache.v)
-    carry, _ = run_stack(self.blocks, carry, (layers, layer_rngs), body, num=cfg.num_layers,
-                         scan=self.scan_layers, remat_policy=self.remat_policy)
+    carry, _ = run_stack(self.blocks if layers is None else layers, carry, (layer_ids, layer_rngs),
+                         body, num=cfg.num_layers, scan=self.scan_layers,
+                         remat_policy=self.remat_policy)
     x = carry if cache is None else carry[0]
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     x = self.norm(x)
     head = (self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...])
     logits = (x @ head.astype(self.dtype)).astype(jnp.float32)

@@ -33,12 +33,31 @@ def create_stack(make_block: Callable[[nnx.Rngs], nnx.Module], num: int,
   return create(rngs)
 
 
-def run_stack(blocks: nnx.Module, carry: Any, xs: Any, body: Callable, *, num: int, scan: bool,
-              remat_policy: str) -> tuple[Any, Any]:
+def unstack(blocks: nnx.Module, num: int) -> list[nnx.Module]:
+  """The first `num` blocks as separate modules, each holding its own slice of the weights.
+
+  Inside `jit` this copies the weights once. A loop that runs the stack many times (token-by-
+  token decoding) then reads them in place, where slicing the stacked weights in the loop body
+  would copy every layer's weights on every iteration.
+  """
+  graphdef, state = nnx.split(blocks)
+  return [nnx.merge(graphdef, jax.tree.map(lambda p, i=i: p[i], state)) for i in range(num)]
+
+
+def run_stack(blocks: nnx.Module | list[nnx.Module], carry: Any, xs: Any, body: Callable, *,
+              num: int, scan: bool, remat_policy: str) -> tuple[Any, Any]:
   """Runs the first `num` blocks: `body(block, carry, x_i) -> (carry, y_i)`; returns (carry, ys).
 
+  `blocks`: the stacked blocks, or the list `unstack` made (run one after the other, no remat:
+  for loops without gradients).
   `xs` holds per-layer inputs with a leading axis of at least `num` (or None).
   """
+  if isinstance(blocks, list):
+    ys = []
+    for i, block in enumerate(blocks[:num]):
+      carry, y = body(block, carry, None if xs is None else jax.tree.map(lambda x: x[i], xs))
+      ys.append(y)
+    return carry, _stack_outputs(ys)
   graphdef, state = nnx.split(blocks)
   state = jax.tree.map(lambda p: p[:num], state)
   if xs is not None:
@@ -56,5 +75,8 @@ def run_stack(blocks: nnx.Module, carry: Any, xs: Any, body: Callable, *, num: i
   for i in range(num):
     carry, y = step(carry, jax.tree.map(lambda a: a[i], (state, xs)))
     ys.append(y)
-  stacked = None if not ys or ys[0] is None else jax.tree.map(lambda *a: jax.numpy.stack(a), *ys)
-  return carry, stacked
+  return carry, _stack_outputs(ys)
+
+
+def _stack_outputs(ys: list[Any]) -> Any:
+  return None if not ys or ys[0] is None else jax.tree.map(lambda *a: jax.numpy.stack(a), *ys)

@@ -57,6 +57,9 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
   c.train.b2 = 0.999
   c.train.eps = 1e-8
   c.train.seed = 1
+  # The LM head (and softmax) only at positions whose next token is a target: the same loss, at
+  # most T - 1 - image slots positions per row. False: every position, as `transformers` does.
+  c.train.target_logits_only = True
   # dtype of the frozen weights ("" = model.param_dtype); "bfloat16" halves their memory while
   # what trains keeps fp32 master weights.
   c.train.frozen_param_dtype = ""

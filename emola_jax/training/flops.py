@@ -21,6 +21,8 @@ Counting rules (one multiply-add = 2 FLOPs; B = batch rows, T = sequence length,
   Tv = P + 1 tokens (the class token). The projector (mlp2x_gelu: d_v -> D -> D, over the B*P
   patch features) and the prior projector (prior_dim -> D -> D, over B rows) follow the matmul
   rule above; the LLM blocks and the LM head (2*N*D*V) likewise, with GQA's narrower k and v.
+  With `train.target_logits_only` (the default) the LM head runs on B*(T - 1 - image slots)
+  positions, the most that can precede a target, instead of all N.
 * Not counted: elementwise work (norms, activations, softmax, RoPE, dropout, the loss, the
   optimizer update), embedding gathers and the scatter of their gradient. These are a few percent
   of the step at the shapes where MFU means something; XLA's own count includes them
@@ -214,11 +216,13 @@ class _Count:
       raise ValueError(f"unknown remat policy {policy!r}")
 
 
-def step_flops(cfg: EmolaConfig, batch: int, seq_len: int, trainable: Iterable[str]) -> StepFlops:
+def step_flops(cfg: EmolaConfig, batch: int, seq_len: int, trainable: Iterable[str],
+               target_logits_only: bool = False) -> StepFlops:
   """FLOPs of one train step of `batch` rows of `seq_len` tokens (one image per row).
 
   `trainable`: the trained groups (`param_groups.parse_trainable(...)`). The remat policy comes
-  from `cfg.remat_policy`.
+  from `cfg.remat_policy`. `target_logits_only`: the LM head runs on seq_len - 1 - image slots
+  positions per row (`train.target_logits_only`), not on all seq_len.
   """
   groups = set(trainable)
   unknown = groups - {"vision", "projector", "prior_projector", "lora", "llm"}
@@ -304,7 +308,8 @@ def step_flops(cfg: EmolaConfig, batch: int, seq_len: int, trainable: Iterable[s
     g_out = g_mlp or trains_after("down_proj")
     c.end_block(policy)
     g = g_out
-  c.matmul("lm_head", n, D, t.vocab_size, weight_grad=lt, input_grad=g)
+  head_rows = batch * max(seq_len - 1 - cfg.num_image_slots, 1) if target_logits_only else n
+  c.matmul("lm_head", head_rows, D, t.vocab_size, weight_grad=lt, input_grad=g)
 
   parts = {k: v for k, v in c.parts.items() if v}
   extra = {k: v for k, v in c.extra.items() if v}

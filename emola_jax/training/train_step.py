@@ -34,23 +34,60 @@ def token_loss_sum(logits: jax.Array, input_ids: jax.Array,
 
   `loss_mask[b, t]` marks `input_ids[b, t]` as a target, predicted from position t - 1.
   """
-  targets = jnp.clip(input_ids[:, 1:], 0, logits.shape[-1] - 1)
-  mask = loss_mask[:, 1:].astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  return _nll_sum(logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:]), jnp.sum(
+      loss_mask[:, 1:].astype(jnp.float32))
+
+
+def _nll_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+  targets = jnp.clip(targets, 0, logits.shape[-1] - 1)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  return jnp.sum(nll * mask), jnp.sum(mask)
+  return jnp.sum(nll * weights.astype(jnp.float32))
 
 
-def _loss_sum(params, frozen, split: SplitModel, batch, rng):
+def target_positions(loss_mask: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
+  """The first `num` positions t of each row whose next token is a target, in order.
+
+  Returns ([B, num] int32 positions, [B, num] bool: whether each one is such a position; rows
+  with fewer targets are filled with misses).
+  """
+  predicts = loss_mask[:, 1:] > 0
+  order = jnp.argsort(jnp.logical_not(predicts).astype(jnp.int8), axis=1, stable=True)
+  order = order[:, :num].astype(jnp.int32)
+  return order, jnp.take_along_axis(predicts, order, axis=1)
+
+
+def _loss_sum(params, frozen, split: SplitModel, batch, rng, target_logits_only: bool):
+  """(NLL sum, (supervised targets, targets left unscored)) of one (micro-)batch.
+
+  With `target_logits_only` the LM head runs only where a next token is scored: at most
+  T - 1 - image slots positions per row (targets are text tokens after the first), which is
+  about half the sequence for LLaVA-style rows. The count stays exact; a row with more targets
+  than that (possible only without its image slots) leaves some unscored, which the trainer
+  reports as an error.
+  """
   model = split.merge(params, frozen)
-  logits = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                 batch.get("prior"), dropout_rng=rng)
-  return token_loss_sum(logits, batch["input_ids"], batch["loss_mask"])
+  ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+  count = jnp.sum(loss_mask[:, 1:].astype(jnp.float32))
+  if not target_logits_only:
+    logits = model(ids, batch.get("pixel_values"), batch["attention_mask"], batch.get("prior"),
+                   dropout_rng=rng)
+    return token_loss_sum(logits, ids, loss_mask)[0], (count, jnp.zeros((), jnp.float32))
+  slots = model.config.num_image_slots if batch.get("pixel_values") is not None else 0
+  at, hit = target_positions(loss_mask, max(ids.shape[1] - 1 - slots, 1))
+  logits = model(ids, batch.get("pixel_values"), batch["attention_mask"], batch.get("prior"),
+                 dropout_rng=rng, logits_at=at)
+  nll = _nll_sum(logits, jnp.take_along_axis(ids, at + 1, axis=1), hit)
+  return nll, (count, count - jnp.sum(hit.astype(jnp.float32)))
 
 
 def make_train_step(split: SplitModel, tx: optax.GradientTransformation, micro_batches: int = 1,
-                    dropout: bool = True):
-  """train_step(state, frozen, batch) -> (state, metrics); batch leading dim = global batch."""
+                    dropout: bool = True, target_logits_only: bool = True):
+  """train_step(state, frozen, batch) -> (state, metrics); batch leading dim = global batch.
+
+  metrics: loss, supervised_tokens, grad_norm and unscored_targets (0 unless a row held more
+  targets than `target_logits_only` computes logits for; see `_loss_sum`).
+  """
 
   def train_step(state: TrainState, frozen: dict[str, jax.Array], batch: dict[str, jax.Array]):
     rng, step_rng = jax.random.split(state.rng)
@@ -59,32 +96,34 @@ def make_train_step(split: SplitModel, tx: optax.GradientTransformation, micro_b
         lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), batch)
 
     def accumulate(carry, xs):
-      grads, loss_sum, count = carry
+      grads, loss_sum, count, unscored = carry
       mb, key = xs
-      (mb_loss, mb_count), mb_grads = grad_fn(state.params, frozen, split, mb,
-                                              key if dropout else None)
+      (mb_loss, (mb_count, mb_unscored)), mb_grads = grad_fn(
+          state.params, frozen, split, mb, key if dropout else None, target_logits_only)
       grads = jax.tree.map(jnp.add, grads, mb_grads)
-      return (grads, loss_sum + mb_loss, count + mb_count), None
+      return (grads, loss_sum + mb_loss, count + mb_count, unscored + mb_unscored), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     keys = jax.random.split(step_rng, micro_batches)
-    (grads, loss_sum, count), _ = jax.lax.scan(
-        accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), (micro, keys))
+    scalar = jnp.zeros((), jnp.float32)
+    (grads, loss_sum, count, unscored), _ = jax.lax.scan(
+        accumulate, (zeros, scalar, scalar, scalar), (micro, keys))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss_sum / denom, "supervised_tokens": count,
-               "grad_norm": optax.tree.norm(grads)}
+               "grad_norm": optax.tree.norm(grads), "unscored_targets": unscored}
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 
   return train_step
 
 
-def make_eval_step(split: SplitModel):
-  """eval_step(params, frozen, batch) -> (loss sum, supervised count), deterministic."""
+def make_eval_step(split: SplitModel, target_logits_only: bool = True):
+  """eval_step(params, frozen, batch) -> (loss sum, (supervised count, unscored targets)),
+  deterministic."""
 
   def eval_step(params, frozen, batch):
-    return _loss_sum(params, frozen, split, batch, None)
+    return _loss_sum(params, frozen, split, batch, None, target_logits_only)
 
   return eval_step

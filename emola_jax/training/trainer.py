@@ -214,6 +214,15 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _check_scored(unscored: float, where: str) -> None:
+  if unscored:
+    raise ValueError(
+        f"{where}: {int(unscored)} target token(s) fell outside the positions "
+        "--config.train.target_logits_only computes logits for (a row without its image slots "
+        "but with more targets than T - 1 - image slots); set "
+        "--config.train.target_logits_only=False for such data")
+
+
 def evaluate(run: TrainSetup, params, frozen, config) -> dict[str, float]:
   """Mean token loss over the eval splits (padded to full batches: one compiled shape), and
   with `eval.generate` the FABA-Bench scores of generated answers (`S_re_<task>`, ...)."""
@@ -224,7 +233,8 @@ def evaluate(run: TrainSetup, params, frozen, config) -> dict[str, float]:
     if config.eval.max_batches and i >= config.eval.max_batches:
       break
     batch = _pad_rows(batch, config.eval.batch_size // jax.process_count())
-    s, c = run.eval_fn(params, frozen, _model_batch(batch, run.cfg, run.mesh))
+    s, (c, unscored) = run.eval_fn(params, frozen, _model_batch(batch, run.cfg, run.mesh))
+    _check_scored(float(unscored), f"eval batch {i}")
     total, count = total + float(s), count + float(c)
   scores = {"eval_loss": total / max(count, 1.0), "eval_tokens": count}
   if config.eval.generate:
@@ -318,10 +328,12 @@ def setup(config: ml_collections.ConfigDict, steps: int, *, abstract_only: bool 
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   frozen_sh = jax.tree.map(lambda x: x.sharding, split.frozen)
   batch_sh = mesh_lib.batch_sharding(mesh)
-  step_fn = jax.jit(train_step.make_train_step(split, tx, config.train.micro_batches),
+  only_targets = config.train.target_logits_only
+  step_fn = jax.jit(train_step.make_train_step(split, tx, config.train.micro_batches,
+                                               target_logits_only=only_targets),
                     in_shardings=(state_sh, frozen_sh, batch_sh),
                     out_shardings=(state_sh, replicated), donate_argnums=(0,))
-  eval_fn = jax.jit(train_step.make_eval_step(split),
+  eval_fn = jax.jit(train_step.make_eval_step(split, only_targets),
                     in_shardings=(state_sh.params, frozen_sh, batch_sh),
                     out_shardings=replicated)
   return TrainSetup(mesh, rules, cfg, split, state, schedules, step_fn, eval_fn)
@@ -385,7 +397,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   groups = param_groups.parse_trainable(config.train.trainable)
   peak = _peak_flops(config, cfg) * jax.device_count()
   step_flops = functools.lru_cache(maxsize=None)(
-      lambda seq_len: flops_lib.step_flops(cfg, config.train.batch_size, seq_len, groups).model)
+      lambda seq_len: flops_lib.step_flops(cfg, config.train.batch_size, seq_len, groups,
+                                           config.train.target_logits_only).model)
   preemption = _Preemption()
   pending = None  # (step, metrics on device, tokens) of the step before the current one
   last: dict[str, Any] = {}
@@ -402,6 +415,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           "stopping. The last good checkpoint is "
           f"{workdir}/checkpoints/{ckpt.latest_step()} (nothing after it was saved). Lower "
           "--config.train.lr, check the data, or use --config.model.dtype=float32.")
+    _check_scored(metrics["unscored_targets"], f"step {step}")
     window_tokens += tokens
     window_flops += step_flops(seq_len)
     log.advance()
