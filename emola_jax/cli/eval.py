@@ -33,11 +33,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags
 
+from emola_jax.cli import runner
 from emola_jax.data import images as images_lib
 from emola_jax.data import instructions
 from emola_jax.evaluation import au_parse
@@ -338,39 +338,16 @@ def summary_line(report: dict[str, Any]) -> str:
           f"report: {os.path.join(os.path.dirname(report['predictions']), 'report.md')}")
 
 
-def main(argv: Sequence[str], fv: flags.FlagValues) -> int:
-  """Runs emola-eval with the parsed flags `fv`; returns the exit status."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; pass everything as --flags")
-  missing = [name for name in ("data", "task", "output") if not fv[name].value]
-  if missing:
-    print(f"{PROG}: error: --{', --'.join(missing)} required; pass --help to see the flags",
-          file=sys.stderr)
-    return 1
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
-  try:
-    report = evaluate(fv)
-  except (EvalError, predict.CheckpointLoadError, predict.PriorMismatchError,
-          FileNotFoundError, ValueError) as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 1
-  print(summary_line(report))
+def _evaluate_and_print(fv: flags.FlagValues) -> int:
+  print(summary_line(evaluate(fv)))
   return 0
 
 
-def cli(args: Sequence[str]) -> int:
-  """Runs emola-eval on `args` (without the program name) in this process; returns the exit
-  status. Flags live in a private registry, so this does not clash with other commands."""
-  fv = define_flags(flags.FlagValues())
-  rest = predict.parse_flags(fv, [PROG, *args], PROG, __doc__)
-  return main(rest, fv)
-
-
-def run() -> None:
-  fv = define_flags(flags.FlagValues())
-  app.run(lambda argv: sys.exit(main(argv, fv)),
-          flags_parser=lambda argv: predict.parse_flags(fv, argv, PROG, __doc__))
+COMMAND = runner.Command(
+    PROG, __doc__, define_flags, _evaluate_and_print, required=("data", "task", "output"),
+    errors=(EvalError, predict.CheckpointLoadError, predict.PriorMismatchError, FileNotFoundError,
+            ValueError), quiet_logs=True)
+main, cli, run = COMMAND.main, COMMAND.cli, COMMAND.run
 
 
 if __name__ == "__main__":

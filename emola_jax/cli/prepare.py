@@ -34,6 +34,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from emola_jax.cli import runner
 from emola_jax.data import classic, faba_instruct, shards
 from emola_jax.data.records import TASKS, DataFileError, Record
 from emola_jax.data.skips import SkipReport, StrictSkipError
@@ -438,10 +439,7 @@ def _print_summary(metas: dict[str, dict[str, Any]], reports: dict[str, SkipRepo
 
 # ----------------------------------------------------------------------------- CLI
 
-# The flags live in their own FlagValues, defined when the command runs: importing this module
-# (e.g. in a test session with other CLIs that also define --task or --output) defines nothing
-# in absl's global registry, so no DuplicateFlagError can arise.
-_HELP_ARGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
+# The flags live in their own FlagValues (see emola_jax.cli.runner).
 
 
 def define_flags(fv: flags.FlagValues) -> flags.FlagValues:
@@ -483,55 +481,27 @@ def define_flags(fv: flags.FlagValues) -> flags.FlagValues:
   return fv
 
 
-def main(argv: Sequence[str], fv: flags.FlagValues) -> int:
-  """Runs `prepare` with the parsed flags `fv`; returns the exit status."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if fv.output is None:
-    raise app.UsageError("--output is required")
+def _prepare_from_flags(fv: flags.FlagValues) -> int:
   if fv.input is None and fv.format != "synthetic":
     raise app.UsageError("--input is required (the data root)")
   try:
     aus = [int(a) for a in fv.aus] if fv.aus else None
   except ValueError:
     raise app.UsageError(f"--aus must be AU numbers, got {fv.aus}") from None
-  try:
-    prepare(fv.format, fv.input or "", fv.output, fv.splits, fv.strict,
-            task=fv.task, seed=fv.seed, prior=fv.prior, prior_dim=fv.prior_dim,
-            num_folds=fv.num_folds, fold=fv.fold,
-            examples_per_shard=fv.examples_per_shard, num_classes=int(fv.num_classes),
-            raf_aligned=fv.raf_images == "aligned", aus=aus, landmark_dir=fv.landmark_dir,
-            workers=fv.workers, num_train=fv.num_train, num_test=fv.num_test,
-            image_size=fv.image_size)
-  except (StrictSkipError, DataFileError, PrepareError, ValueError) as e:
-    print(f"emola-prepare: error: {e}", file=sys.stderr)
-    return 1
+  prepare(fv.format, fv.input or "", fv.output, fv.splits, fv.strict,
+          task=fv.task, seed=fv.seed, prior=fv.prior, prior_dim=fv.prior_dim,
+          num_folds=fv.num_folds, fold=fv.fold,
+          examples_per_shard=fv.examples_per_shard, num_classes=int(fv.num_classes),
+          raf_aligned=fv.raf_images == "aligned", aus=aus, landmark_dir=fv.landmark_dir,
+          workers=fv.workers, num_train=fv.num_train, num_test=fv.num_test,
+          image_size=fv.image_size)
   return 0
 
 
-def _parser(fv: flags.FlagValues):
-  def parse(argv: Sequence[str]) -> list[str]:
-    if any(a in _HELP_ARGS for a in argv[1:]):
-      print(f"{__doc__}\nflags:\n{fv.get_help()}")
-      sys.exit(0)
-    try:
-      rest = fv(list(argv), known_only=True)  # ours first; absl's own (--verbosity...) remain
-      if len(rest) == 1:
-        # Nothing left for the global registry: mark it parsed without running the validators
-        # of flags other modules may have put there (e.g. another CLI imported in a test).
-        if not flags.FLAGS.is_parsed():
-          flags.FLAGS.mark_as_parsed()
-        return rest
-      return flags.FLAGS(rest)
-    except flags.Error as e:
-      print(f"emola-prepare: flag error: {e}\nPass --help to see the flags.", file=sys.stderr)
-      sys.exit(1)
-  return parse
-
-
-def run() -> None:
-  fv = define_flags(flags.FlagValues())
-  app.run(lambda argv: main(argv, fv), flags_parser=_parser(fv))
+COMMAND = runner.Command(
+    "emola-prepare", __doc__, define_flags, _prepare_from_flags, required=("output",),
+    errors=(StrictSkipError, DataFileError, PrepareError, ValueError))
+main, cli, run = COMMAND.main, COMMAND.cli, COMMAND.run
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@
   input in input order, with a tqdm progress bar. A sample whose preparation raises
   `SampleFailure` (unreadable image, no face, missing prior) comes out with its status and reason
   and the run goes on.
-* `define_shared_flags` / `parse_flags` / `make_prior_provider`: the model, prior and decoding
+* `define_shared_flags` / `make_prior_provider`: the model, prior and decoding
   flags both commands take, parsed into a private absl registry (so the commands can be run
   in-process side by side, e.g. in tests).
 """
@@ -389,7 +389,6 @@ class Predictor:
 # --- command-line flags shared by emola-infer and emola-eval ------------------------------------
 
 PRIOR_CHOICES = ("auto", "npy", "dlib", "face_alignment", "none")
-HELP_ARGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
 
 
 def define_shared_flags(fv: Any, *, batch_size: int, max_new_tokens: int) -> None:
@@ -432,29 +431,6 @@ def define_shared_flags(fv: Any, *, batch_size: int, max_new_tokens: int) -> Non
          "model generates.")
   define("bool", "progress", True, "Show a progress bar (on stderr).")
   define("bool", "overwrite", False, "Replace existing outputs.")
-
-
-def parse_flags(fv: Any, argv: Sequence[str], prog: str, doc: str) -> list[str]:
-  """Parses `argv` into the private FlagValues `fv` (absl's own flags go to the global registry);
-  prints help for --help. Exits with a message naming the flag on a flag error."""
-  # pylint: disable-next=import-outside-toplevel
-  from absl import flags
-
-  if any(a in HELP_ARGS for a in argv[1:]):
-    print(f"{doc}\nflags:\n{fv.get_help()}")
-    sys.exit(0)
-  try:
-    rest = fv(list(argv), known_only=True)
-    if len(rest) == 1:
-      # Nothing left for the global registry: mark it parsed without running validators of flags
-      # other modules may have put there.
-      if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-      return rest
-    return flags.FLAGS(rest)
-  except flags.Error as e:
-    print(f"{prog}: flag error: {e}\nPass --help to see the flags.", file=sys.stderr)
-    sys.exit(1)
 
 
 def make_prior_provider(name: str, config: Any, *, aligned: bool = False, upsample: int = 1,
