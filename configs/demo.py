@@ -64,6 +64,9 @@ def get_config():
   c.train.warmup_ratio = 0.05
   c.train.weight_decay = 0.0
   c.train.seed = 0
+  # 5 image slots of 120 positions: computing logits only before targets saves nothing here and
+  # its gathers cost ~10% of a step (bench --parts=variants on this config: 0.291 s vs 0.261 s).
+  c.train.target_logits_only = False
 
   c.checkpoint.every_steps = 10_000  # only the end of the run
   c.checkpoint.keep = 1
