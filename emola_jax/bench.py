@@ -600,7 +600,6 @@ def part_loader(config, batch: int, seq_len: int, demand: float | None) -> dict[
 
 def part_decode(config) -> dict[str, Any]:
   import jax  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
 
   from emola_jax.conversion import hf_load  # pylint: disable=import-outside-toplevel
   from emola_jax.evaluation import bench_decode  # pylint: disable=import-outside-toplevel
@@ -624,39 +623,14 @@ def part_decode(config) -> dict[str, Any]:
   generator = Generator(model)
   rows, results = [], []
   for batch in (int(b) for b in _DECODE_BATCHES.value):
-    ids, mask, pixels = bench_decode.make_prompts(batch, prompt_len, t.vocab_size, image_size,
-                                                  _SEED.value + batch)
-
-    def ours():
-      return generator(ids, mask, pixels, max_new_tokens=n_new, eos_id=None, pad_id=0).tokens
-
-    def theirs():
-      with torch.no_grad():
-        out = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                          pixel_values=torch.from_numpy(pixels), do_sample=False,
-                          max_new_tokens=n_new, pad_token_id=0)
-      return out[:, ids.shape[1]:].numpy()
-
-    warm_ours, tok_ours = timed(ours)
-    warm_theirs, tok_theirs = timed(theirs)
-    if tok_ours.shape != (batch, n_new) or tok_theirs.shape != (batch, n_new):
-      raise RuntimeError(f"bench decode: expected {n_new} new tokens per row, got "
-                         f"{tok_ours.shape} (ours) and {tok_theirs.shape} (transformers)")
-    t_ours, t_theirs = [], []
-    for _ in range(_DECODE_REPEATS.value):
-      t_ours.append(timed(ours)[0])
-      t_theirs.append(timed(theirs)[0])
-    tokens = batch * n_new
-    entry = {"batch": batch, "ours_tokens_per_second": tokens / statistics.median(t_ours),
-             "transformers_tokens_per_second": tokens / statistics.median(t_theirs),
-             "ours_seconds": t_ours, "transformers_seconds": t_theirs,
-             "ours_first_call_seconds": warm_ours, "transformers_first_call_seconds": warm_theirs,
-             "same_tokens": float((tok_ours == tok_theirs).mean())}
-    entry["speedup"] = entry["ours_tokens_per_second"] / entry["transformers_tokens_per_second"]
+    entry = bench_decode.compare(generator, hf, batch=batch, prompt_len=prompt_len,
+                                 new_tokens=n_new, image_size=image_size,
+                                 repeats=_DECODE_REPEATS.value, seed=_SEED.value + batch)
     results.append(entry)
     rows.append([batch, _fmt(entry["ours_tokens_per_second"], 0),
                  _fmt(entry["transformers_tokens_per_second"], 0), f"{entry['speedup']:.2f}x",
-                 _fmt(warm_ours, 1), _fmt(warm_theirs, 1), f"{entry['same_tokens']:.1%}"])
+                 _fmt(entry["ours_first_call_seconds"], 1),
+                 _fmt(entry["transformers_first_call_seconds"], 1), f"{entry['same_tokens']:.1%}"])
   print(f"\n## Greedy decoding (fp32, {jax.devices()[0].platform}; LLaMA {t.num_layers} x "
         f"{t.hidden_size}, vocab {t.vocab_size}, CLIP 2 x 64 at {image_size} px; prompt "
         f"{prompt_len} tokens, {n_new} new tokens, prefill included; median of "

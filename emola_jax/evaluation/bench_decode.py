@@ -101,57 +101,73 @@ def set_threads(threads: int) -> None:
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla}".strip()
 
 
-def main(argv):
-  del argv
+def compare(generator: Generator, hf, *, batch: int, prompt_len: int, new_tokens: int,
+            image_size: int, repeats: int, seed: int) -> dict:
+  """Times `generator` (ours) against `hf.generate` on the same prompts, interleaved.
+
+  Returns tokens/s (median), every timed call, the first calls (compilation for ours) and the
+  share of identical generated tokens.
+  """
   import torch  # pylint: disable=import-outside-toplevel
 
+  vocab = hf.config.text_config.vocab_size
+  ids, mask, pixels = make_prompts(batch, prompt_len, vocab, image_size, seed)
+
+  def ours():
+    return generator(ids, mask, pixels, max_new_tokens=new_tokens, eos_id=None, pad_id=0).tokens
+
+  def theirs():
+    with torch.no_grad():
+      out = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                        pixel_values=torch.from_numpy(pixels), do_sample=False,
+                        max_new_tokens=new_tokens, pad_token_id=0)
+    return out[:, ids.shape[1]:].numpy()
+
+  warm_ours, tokens_ours = timed(ours)
+  warm_theirs, tokens_theirs = timed(theirs)
+  if tokens_ours.shape != (batch, new_tokens) or tokens_theirs.shape != (batch, new_tokens):
+    raise RuntimeError(f"bench_decode: expected {new_tokens} new tokens per row, got "
+                       f"{tokens_ours.shape} (ours) and {tokens_theirs.shape} (transformers)")
+  t_ours, t_theirs = [], []
+  for _ in range(repeats):
+    t_ours.append(timed(ours)[0])
+    t_theirs.append(timed(theirs)[0])
+  tokens = batch * new_tokens
+  entry = {"batch": batch, "ours_tokens_per_second": tokens / statistics.median(t_ours),
+           "transformers_tokens_per_second": tokens / statistics.median(t_theirs),
+           "ours_seconds": t_ours, "transformers_seconds": t_theirs,
+           "ours_first_call_seconds": warm_ours, "transformers_first_call_seconds": warm_theirs,
+           "same_tokens": float((tokens_ours == tokens_theirs).mean())}
+  entry["speedup"] = entry["ours_tokens_per_second"] / entry["transformers_tokens_per_second"]
+  return entry
+
+
+def main(argv):
+  del argv
   set_threads(FLAGS.threads)
-  torch.set_grad_enabled(False)
   hf = build_hf_model(FLAGS.layers, FLAGS.width, FLAGS.vocab, FLAGS.image_size, FLAGS.seed)
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp)
     model, _ = load_pretrained(tmp)
   generator = Generator(model)
-  n_new = FLAGS.new_tokens
-  rows = []
-  for batch in map(int, FLAGS.batch_sizes):
-    ids, mask, pixels = make_prompts(batch, FLAGS.prompt_len, FLAGS.vocab, FLAGS.image_size,
-                                     FLAGS.seed + batch)
-
-    def ours():
-      return generator(ids, mask, pixels, max_new_tokens=n_new, eos_id=None, pad_id=0).tokens
-
-    def theirs():
-      out = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                        pixel_values=torch.from_numpy(pixels), do_sample=False,
-                        max_new_tokens=n_new, pad_token_id=0)
-      return out[:, ids.shape[1]:].numpy()
-
-    warm_ours, tokens_ours = timed(ours)
-    warm_theirs, tokens_theirs = timed(theirs)
-    if tokens_ours.shape != (batch, n_new) or tokens_theirs.shape != (batch, n_new):
-      raise RuntimeError(f"bench_decode: expected {n_new} new tokens per row, got "
-                         f"{tokens_ours.shape} (ours) and {tokens_theirs.shape} (transformers)")
-    agree = float((tokens_ours == tokens_theirs).mean())
-    t_ours, t_theirs = [], []
-    for _ in range(FLAGS.repeats):
-      t_ours.append(timed(ours)[0])
-      t_theirs.append(timed(theirs)[0])
-    tok = batch * n_new
-    rows.append((batch, tok / statistics.median(t_ours), tok / statistics.median(t_theirs),
-                 warm_ours, warm_theirs, agree))
+  rows = [compare(generator, hf, batch=batch, prompt_len=FLAGS.prompt_len,
+                  new_tokens=FLAGS.new_tokens, image_size=FLAGS.image_size,
+                  repeats=FLAGS.repeats, seed=FLAGS.seed + batch)
+          for batch in map(int, FLAGS.batch_sizes)]
 
   print(f"\nGreedy decoding, fp32, {jax.devices()[0].platform.upper()} "
         f"({os.cpu_count()} cores visible, threads per framework: "
         f"{FLAGS.threads or 'default'}); LLaMA {FLAGS.layers} layers x {FLAGS.width}, vocab "
         f"{FLAGS.vocab}, CLIP 2 x 64 at {FLAGS.image_size}px; prompt {FLAGS.prompt_len} tokens, "
-        f"{n_new} new tokens; median of {FLAGS.repeats} interleaved calls.\n")
+        f"{FLAGS.new_tokens} new tokens; median of {FLAGS.repeats} interleaved calls.\n")
   print("| batch | emola-jax tok/s | transformers tok/s | speed-up | emola-jax first call s "
         "(compile) | transformers first call s | same tokens |")
   print("|---|---|---|---|---|---|---|")
-  for batch, ours_tps, theirs_tps, warm_ours, warm_theirs, agree in rows:
-    print(f"| {batch} | {ours_tps:.0f} | {theirs_tps:.0f} | {ours_tps / theirs_tps:.2f}x | "
-          f"{warm_ours:.2f} | {warm_theirs:.2f} | {agree:.1%} |")
+  for r in rows:
+    print(f"| {r['batch']} | {r['ours_tokens_per_second']:.0f} | "
+          f"{r['transformers_tokens_per_second']:.0f} | {r['speedup']:.2f}x | "
+          f"{r['ours_first_call_seconds']:.2f} | {r['transformers_first_call_seconds']:.2f} | "
+          f"{r['same_tokens']:.1%} |")
 
 
 def run():
