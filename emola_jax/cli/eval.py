@@ -123,11 +123,7 @@ def resolve_prior(name: str, config: Any, stored_dim: int, split: str) -> str:
       stored = f"{stored_dim}-d priors" if stored_dim else "no priors"
       raise predict.PriorMismatchError(
           f"--prior=npy: split {split!r} stores {stored}; {predict.prior_hint(config)}")
-    predict.check_prior_dim(config, name, stored_dim)
-  elif name in ("dlib", "face_alignment"):
-    predict.check_prior_dim(config, name, predict.COMPUTED_PRIOR_DIM)
-  else:
-    predict.check_prior_dim(config, name, None)
+  predict.check_provider(config, name)
   return name
 
 

@@ -160,10 +160,7 @@ def resolve_prior(name: str, config: Any) -> str:
     if not config.has_prior:
       return "none"
     return "npy_or_dlib" if config.prior_dim == predict.COMPUTED_PRIOR_DIM else "npy"
-  if name in ("dlib", "face_alignment"):
-    predict.check_prior_dim(config, name, predict.COMPUTED_PRIOR_DIM)
-  else:
-    predict.check_prior_dim(config, name, None)
+  predict.check_provider(config, name)
   return name
 
 

@@ -169,6 +169,13 @@ def check_prior_dim(config: Any, provider: str, provider_dim: int | None) -> Non
                              f"{prior_hint(config)}")
 
 
+def check_provider(config: Any, provider: str) -> None:
+  """`check_prior_dim` with the provider's own size: dlib and face_alignment give
+  COMPUTED_PRIOR_DIM-d vectors, npy and none whatever is stored."""
+  computed = provider in ("dlib", "face_alignment")
+  check_prior_dim(config, provider, COMPUTED_PRIOR_DIM if computed else None)
+
+
 class PromptBuilder:
   """Ids of the vicuna_v1 generation prompt of one question (memoised per question)."""
 
