@@ -69,16 +69,18 @@ def _loss_sum(params, frozen, split: SplitModel, batch, rng, target_logits_only:
   model = split.merge(params, frozen)
   ids, loss_mask = batch["input_ids"], batch["loss_mask"]
   count = jnp.sum(loss_mask[:, 1:].astype(jnp.float32))
-  if not target_logits_only:
-    logits = model(ids, batch.get("pixel_values"), batch["attention_mask"], batch.get("prior"),
-                   dropout_rng=rng)
-    return token_loss_sum(logits, ids, loss_mask)[0], (count, jnp.zeros((), jnp.float32))
-  slots = model.config.num_image_slots if batch.get("pixel_values") is not None else 0
-  at, hit = target_positions(loss_mask, max(ids.shape[1] - 1 - slots, 1))
+  if target_logits_only:
+    slots = model.config.num_image_slots if batch.get("pixel_values") is not None else 0
+    at, weights = target_positions(loss_mask, max(ids.shape[1] - 1 - slots, 1))
+    targets = jnp.take_along_axis(ids, at + 1, axis=1)
+  else:
+    at, targets, weights = None, ids[:, 1:], loss_mask[:, 1:]
   logits = model(ids, batch.get("pixel_values"), batch["attention_mask"], batch.get("prior"),
                  dropout_rng=rng, logits_at=at)
-  nll = _nll_sum(logits, jnp.take_along_axis(ids, at + 1, axis=1), hit)
-  return nll, (count, count - jnp.sum(hit.astype(jnp.float32)))
+  if at is None:
+    logits = logits[:, :-1]
+  scored = jnp.sum((weights > 0).astype(jnp.float32))
+  return _nll_sum(logits, targets, weights), (count, count - scored)
 
 
 def make_train_step(split: SplitModel, tx: optax.GradientTransformation, micro_batches: int = 1,
