@@ -81,6 +81,26 @@ def test_greedy_equals_transformers_generate(hf_dir, ours, prompts):
     assert not out.finished.any()
 
 
+@pytest.mark.parametrize("options,transposed", [
+    (dict(unstack_layers=False), False),  # the stacked decoder, scanned
+    (dict(transpose_kernels=False), False),  # unstacked, kernels [in, out]
+    (dict(), True),  # the CPU default: unstacked, kernels [out, in]
+])
+def test_every_decoding_layout_equals_transformers(hf_dir, ours, prompts, options, transposed):
+  hf_model, _ = hf_dir
+  ids, pixels, mask = prompts
+  ref = hf_greedy(hf_model, ids, pixels, mask, eos_id=2)
+  generator = gen_lib.Generator(ours, **options)
+  assert generator.transpose_kernels == transposed
+  out = generator(ids, mask, pixels, max_new_tokens=N_NEW, eos_id=2, pad_id=PAD)
+  np.testing.assert_array_equal(out.tokens, ref)
+
+
+def test_transposed_kernels_need_unstacked_layers(ours):
+  with pytest.raises(ValueError, match="needs unstack_layers=True"):
+    gen_lib.Generator(ours, unstack_layers=False, transpose_kernels=True)
+
+
 def test_greedy_equals_transformers_when_eos_fires(hf_dir, ours, prompts):
   hf_model, _ = hf_dir
   ids, pixels, mask = prompts

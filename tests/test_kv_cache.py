@@ -1,13 +1,17 @@
-"""KV-cache decoding gives the logits of a full forward pass at every step."""
+"""KV-cache decoding gives the logits of a full forward pass; the decoding copy of the decoder."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from emola_jax.model.config import LoraConfig, TextConfig
+from emola_jax.model.layers import Linear, dense
 from emola_jax.model.llama import KVCache, LlamaForCausalLM
 
 CFG = TextConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
@@ -38,3 +42,45 @@ def test_prefill_then_decode_matches_full_forward_with_left_padding():
   err = np.abs(decoded - np.asarray(full))[real].max() / np.abs(np.asarray(full)).max()
   assert err <= 1e-4
   assert int(cache.index) == 12
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_decoding_copy_computes_the_same_logits(tie):
+  """`for_decoding` (unstacked, optionally kernels stored [out, in]) is the same function, LoRA
+  included, both on few rows (weights-first products) and on many."""
+  cfg = dataclasses.replace(CFG, tie_word_embeddings=tie)
+  lm = LlamaForCausalLM(cfg, LoraConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(1)
+  for _, module in nnx.iter_modules(lm):  # non-zero B: the adapters change the output
+    if getattr(module, "lora_b", None) is not None:
+      module.lora_b[...] = jnp.asarray(rng.normal(size=module.lora_b.shape), jnp.float32) * 0.1
+  for rows in (8, 40):  # 2 x 8 = 16 rows <= layers.SKINNY_ROWS < 2 x 40
+    ids = jnp.asarray(rng.integers(0, 50, size=(2, rows)))
+    ref = np.asarray(lm(lm.embed(ids))[0])
+    for transpose in (False, True):
+      copy = lm.for_decoding(transpose_kernels=transpose)
+      assert all(m.transposed == transpose for _, m in nnx.iter_modules(copy)
+                 if isinstance(m, Linear))
+      np.testing.assert_allclose(np.asarray(copy(copy.embed(ids))[0]), ref, rtol=1e-5,
+                                 atol=1e-5)
+  assert not any(m.transposed for _, m in nnx.iter_modules(lm) if isinstance(m, Linear))
+
+
+def test_cache_layout_must_match_the_decoder():
+  lm = LlamaForCausalLM(CFG, LoraConfig(), rngs=nnx.Rngs(0))
+  embeds = lm.embed(jnp.zeros((2, 3), jnp.int32))
+  with pytest.raises(ValueError, match="per_layer=True"):
+    lm.for_decoding(transpose_kernels=False)(
+        embeds, cache=KVCache.empty(CFG, batch=2, max_len=8, dtype=jnp.float32))
+  with pytest.raises(ValueError, match="per_layer=False"):
+    lm(embeds, cache=KVCache.empty(CFG, batch=2, max_len=8, dtype=jnp.float32, per_layer=True))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64, 65, 300])
+def test_dense_with_a_transposed_kernel(rows):
+  rng = np.random.default_rng(rows)
+  x = rng.normal(size=(rows, 3, 16)).astype(np.float32)  # leading dims flatten to 3 x rows
+  w = rng.normal(size=(16, 24)).astype(np.float32)
+  ours = jax.jit(lambda x, w: dense(x, w.T, transposed=True))(x, w)
+  np.testing.assert_allclose(np.asarray(ours), x @ w, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dense(x, w)), x @ w, rtol=1e-5, atol=1e-5)
