@@ -26,19 +26,26 @@ def clip_dir(tmp_path_factory):
   return model, path
 
 
-@pytest.mark.parametrize("dtype,tol", [("float32", FP32_TOL), ("bfloat16", BF16_TOL)])
-def test_clip_penultimate_patch_features(clip_dir, dtype, tol):
+@pytest.mark.parametrize("dtype,tol,impl", [("float32", FP32_TOL, "xla"),
+                                            ("bfloat16", BF16_TOL, "xla"),
+                                            ("float32", FP32_TOL, "einsum")])
+def test_clip_penultimate_patch_features(clip_dir, dtype, tol, impl):
   model, path = clip_dir
   pixels = np.random.default_rng(0).normal(size=(2, 3, 28, 28)).astype(np.float32)
   with torch.no_grad():
     ref = model(torch.from_numpy(pixels), output_hidden_states=True).hidden_states[-2][:, 1:]
-  tower, cfg = emola_jax.load_pretrained(path, dtype=dtype)
+  tower, cfg = emola_jax.load_pretrained(path, dtype=dtype, attention_impl=impl)
   assert cfg.layers_to_run == cfg.num_layers - 1
   ours = tower(jnp.asarray(pixels))
   assert ours.shape == ref.shape
   assert hf_tiny.rel_err(ours, ref) <= tol
 
 
+# jax.nn.dot_product_attention, and the einsum form in query blocks of 16 (40 tokens: 16, 16, 8).
+ATTENTION = [dict(attention_impl="xla"), dict(attention_impl="einsum", attention_query_block=16)]
+
+
+@pytest.mark.parametrize("attn", ATTENTION, ids=["xla", "einsum"])
 @pytest.mark.parametrize("kv_heads,tie,rope", [
     (2, False, None),  # grouped-query attention
     (4, False, None),  # multi-head attention
@@ -47,7 +54,7 @@ def test_clip_penultimate_patch_features(clip_dir, dtype, tol):
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
                 "rope_theta": 10000.0}),
 ])
-def test_llama_logits(tmp_path, kv_heads, tie, rope):
+def test_llama_logits(tmp_path, kv_heads, tie, rope, attn):
   kw = dict(num_key_value_heads=kv_heads, tie_word_embeddings=tie)
   if rope:
     kw["rope_parameters"] = rope
@@ -56,7 +63,7 @@ def test_llama_logits(tmp_path, kv_heads, tie, rope):
   ids = np.random.default_rng(1).integers(0, 160, size=(2, 40))
   with torch.no_grad():
     ref = model(torch.from_numpy(ids)).logits
-  lm, cfg = emola_jax.load_pretrained(str(tmp_path))
+  lm, cfg = emola_jax.load_pretrained(str(tmp_path), **attn)
   assert cfg.num_kv_heads == kv_heads and cfg.tie_word_embeddings == tie
   logits, _ = lm(lm.embed(jnp.asarray(ids)))
   assert hf_tiny.rel_err(logits, ref) <= FP32_TOL
@@ -68,13 +75,18 @@ def _llava_logits(model, ids, pixels, mask):
                  attention_mask=torch.from_numpy(mask)).logits.numpy()
 
 
-@pytest.mark.parametrize("dtype,tol", [("float32", FP32_TOL), ("bfloat16", BF16_TOL)])
-def test_llava_logits_on_disk_layout(tmp_path, dtype, tol):
+@pytest.mark.parametrize("dtype,tol,attn", [("float32", FP32_TOL, ATTENTION[0]),
+                                            ("bfloat16", BF16_TOL, ATTENTION[0]),
+                                            ("float32", FP32_TOL, dict(
+                                                attention_impl="einsum",
+                                                attention_query_block=4))])  # 12 tokens
+def test_llava_logits_on_disk_layout(tmp_path, dtype, tol, attn):
   model = hf_tiny.llava()
   model.save_pretrained(tmp_path)
-  ids, pixels, mask = hf_tiny.llava_inputs(model)
+  ids, pixels, mask = hf_tiny.llava_inputs(model)  # right-padded rows of different lengths
   ref = _llava_logits(model, ids, pixels, mask)
-  ours_model, cfg = emola_jax.load_pretrained(str(tmp_path), dtype=dtype)
+  ours_model, cfg = emola_jax.load_pretrained(str(tmp_path), dtype=dtype, **attn)
+  assert cfg.attention_impl == attn["attention_impl"]
   assert cfg.prior_position == "none" and cfg.image_token_index == hf_tiny.IMAGE_TOKEN
   ours = np.asarray(ours_model(jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask)))
   real = mask.astype(bool)  # padded positions are not compared

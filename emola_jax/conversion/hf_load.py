@@ -310,8 +310,8 @@ class _Holder(nnx.Module):
 
 
 def _module_kwargs(overrides: dict[str, Any]) -> dict[str, Any]:
-  kwargs = {k: overrides.pop(k) for k in ("scan_layers", "remat_policy", "attention_impl")
-            if k in overrides}
+  kwargs = {k: overrides.pop(k) for k in ("scan_layers", "remat_policy", "attention_impl",
+                                          "attention_query_block") if k in overrides}
   if "dtype" in overrides:
     kwargs["dtype"] = jnp.dtype(overrides.pop("dtype"))
   if overrides:

@@ -14,6 +14,7 @@ from typing import Any
 PRIOR_POSITIONS = ("after", "before", "none")
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -113,8 +114,12 @@ class EmolaConfig:
   scan_layers: bool = True
   remat_policy: str = "none"
   # "xla" uses jax.nn.dot_product_attention with implementation chosen by XLA; "cudnn" forces the
-  # fused cuDNN kernel on GPUs (bf16/fp16 only).
+  # fused cuDNN kernel on GPUs (bf16/fp16 only); "einsum" writes it out heads-first, with causal
+  # query blocks (faster on XLA:CPU; see model/attention.py).
   attention_impl: str = "xla"
+  # "einsum" only: the decoder's causal self-attention runs in blocks of this many queries, each
+  # skipping the keys after its last query; 0 = one block.
+  attention_query_block: int = 256
 
   def __post_init__(self):
     _check_choice("prior_position", self.prior_position, PRIOR_POSITIONS)
@@ -122,7 +127,10 @@ class EmolaConfig:
     _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
     _check_choice("param_dtype", self.param_dtype, DTYPES)
     _check_choice("dtype", self.dtype, DTYPES)
-    _check_choice("attention_impl", self.attention_impl, ("xla", "cudnn"))
+    _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    if self.attention_query_block < 0:
+      raise ValueError(f"attention_query_block={self.attention_query_block} must be >= 0 "
+                       "(0 = one block)")
     t = self.text
     if t.num_heads % t.num_kv_heads:
       raise ValueError(f"text.num_heads={t.num_heads} must be a multiple of "

@@ -54,7 +54,9 @@ class EmolaModel(nnx.Module):
     self.prior_projector = (
         Projector("mlp2x_gelu", config.prior_dim, text_dim, in_axis="prior", dtype=dtype,
                   param_dtype=param_dtype, rngs=rngs) if config.has_prior else None)
-    self.language_model = LlamaForCausalLM(config.text, config.lora, rngs=rngs, **common)
+    self.language_model = LlamaForCausalLM(config.text, config.lora, rngs=rngs,
+                                           attention_query_block=config.attention_query_block,
+                                           **common)
     self.config = config
 
   def encode_image(self, pixel_values: jax.Array,
@@ -93,5 +95,6 @@ class EmolaModel(nnx.Module):
                                     dropout_rng=dropout_rng, logits_at=logits_at)
     return logits
 
-  def init_cache(self, batch: int, max_len: int) -> KVCache:
-    return KVCache.empty(self.config.text, batch, max_len, jnp.dtype(self.config.dtype))
+  def init_cache(self, batch: int, max_len: int, *, per_layer: bool = False) -> KVCache:
+    return KVCache.empty(self.config.text, batch, max_len, jnp.dtype(self.config.dtype),
+                         per_layer=per_layer)

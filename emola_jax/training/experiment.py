@@ -17,7 +17,7 @@ TASKS = ("emotion", "au", "both")
 # Model fields an experiment may change on top of an `init_from` checkpoint; the shapes of the
 # vision tower and decoder always come from the checkpoint.
 TRAINING_MODEL_FIELDS = ("lora", "prior_position", "prior_dim", "dtype", "param_dtype",
-                         "remat_policy", "scan_layers", "attention_impl")
+                         "remat_policy", "scan_layers", "attention_impl", "attention_query_block")
 
 
 def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
@@ -60,6 +60,10 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
   # The LM head (and softmax) only at positions whose next token is a target: the same loss, at
   # most T - 1 - image slots positions per row. False: every position, as `transformers` does.
   c.train.target_logits_only = True
+  # The PRNG behind LoRA dropout: "threefry2x32" (JAX's default: the same masks under any
+  # sharding), "rbg" or "unsafe_rbg" (XLA's RngBitGenerator: cheaper masks; MaxText's default).
+  # Checkpoints keep the key data, so resume with the same choice.
+  c.train.rng_impl = "threefry2x32"
   # dtype of the frozen weights ("" = model.param_dtype); "bfloat16" halves their memory while
   # what trains keeps fp32 master weights.
   c.train.frozen_param_dtype = ""
