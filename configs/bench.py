@@ -33,6 +33,8 @@ def get_config():
   # Measured on the 2-core CPU (python -m emola_jax.bench --parts=variants): see BENCHMARKS.md.
   c.model.remat_policy = "none"
   c.model.scan_layers = True
+  c.model.attention_impl = "einsum"  # heads-first, causal query blocks of 256
+  c.train.rng_impl = "rbg"  # cheaper LoRA dropout masks than threefry
   c.train.trainable = "emola"
   c.train.batch_size = 4
   c.train.num_steps = 10

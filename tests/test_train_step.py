@@ -63,7 +63,7 @@ def test_target_logits_only_gives_the_same_loss_and_gradients(micro):
   out = {}
   for only in (True, False):
     state = train_step.TrainState(jnp.zeros((), jnp.int32), split.trainable,
-                                  tx.init(split.trainable), jax.random.key(0))
+                                  tx.init(split.trainable), jax.random.key_data(jax.random.key(0)))
     step = jax.jit(train_step.make_train_step(split, tx, micro_batches=micro, dropout=False,
                                               target_logits_only=only))
     out[only] = step(state, split.frozen, batch)
@@ -123,7 +123,7 @@ def _setup(trainable="emola", micro=1, lora_rank=4, lr=1e-2, group_lrs=None, ste
       split.trainable, lr=lr, group_lrs=group_lrs or {}, total_steps=steps, warmup_ratio=0.1,
       weight_decay=0.0, max_grad_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
   state = train_step.TrainState(jnp.zeros((), jnp.int32), split.trainable,
-                                tx.init(split.trainable), jax.random.key(0))
+                                tx.init(split.trainable), jax.random.key_data(jax.random.key(0)))
   step = jax.jit(train_step.make_train_step(split, tx, micro_batches=micro))
   return config, split, state, step, schedules
 
@@ -188,3 +188,34 @@ def test_gradient_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-4)
     assert float(m1["supervised_tokens"]) == float(m2["supervised_tokens"]) == 4 * 5 - 3
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg", "unsafe_rbg"])
+def test_dropout_prng_implementations(impl):
+  """Each `train.rng_impl` draws LoRA dropout masks from its key, carried as raw key data."""
+  config = presets.get("tiny").replace(**{"lora.rank": 4, "lora.alpha": 8.0,
+                                          "lora.dropout": 0.5})
+  split = param_groups.SplitModel.from_model(EmolaModel(config, rngs=nnx.Rngs(0)),
+                                             param_groups.parse_trainable("emola"))
+  tx = optax.adam(1e-2)
+  step = jax.jit(train_step.make_train_step(split, tx, rng_impl=impl))
+  batch = _batch(config)
+
+  def second_loss(seed):  # B = 0 at first: dropout changes the loss from the second step on
+    key = jax.random.key_data(jax.random.key(seed, impl=impl))
+    state = train_step.TrainState(jnp.zeros((), jnp.int32), split.trainable,
+                                  tx.init(split.trainable), key)
+    state, _ = step(state, split.frozen, batch)
+    assert state.rng.shape == key.shape and not np.array_equal(state.rng, key)
+    return float(step(state, split.frozen, batch)[1]["loss"])
+
+  assert second_loss(0) == second_loss(0)
+  assert second_loss(0) != second_loss(1)
+
+
+def test_unknown_rng_impl_is_refused():
+  from emola_jax.training import experiment, trainer  # pylint: disable=import-outside-toplevel
+  config = experiment.base_config("tiny")
+  config.train.rng_impl = "philox"
+  with pytest.raises(ValueError, match="train.rng_impl='philox'"):
+    trainer.setup(config, steps=1)

@@ -25,7 +25,7 @@ class TrainState:
   step: jax.Array
   params: dict[str, jax.Array]  # trained parameters only
   opt_state: Any
-  rng: jax.Array
+  rng: jax.Array  # raw key data of the `rng_impl` the train step was made with
 
 
 def token_loss_sum(logits: jax.Array, input_ids: jax.Array,
@@ -39,9 +39,12 @@ def token_loss_sum(logits: jax.Array, input_ids: jax.Array,
 
 
 def _nll_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+  logits = logits.astype(jnp.float32)
   targets = jnp.clip(targets, 0, logits.shape[-1] - 1)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  # The target's logit picked by comparison, not gathered: the gradient of a gather is a scatter
+  # into a zeroed [B, T, V] buffer, that of the comparison one fused elementwise pass.
+  is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
+  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
   return jnp.sum(nll * weights.astype(jnp.float32))
 
 
@@ -84,15 +87,17 @@ def _loss_sum(params, frozen, split: SplitModel, batch, rng, target_logits_only:
 
 
 def make_train_step(split: SplitModel, tx: optax.GradientTransformation, micro_batches: int = 1,
-                    dropout: bool = True, target_logits_only: bool = True):
+                    dropout: bool = True, target_logits_only: bool = True,
+                    rng_impl: str = "threefry2x32"):
   """train_step(state, frozen, batch) -> (state, metrics); batch leading dim = global batch.
 
   metrics: loss, supervised_tokens, grad_norm and unscored_targets (0 unless a row held more
   targets than `target_logits_only` computes logits for; see `_loss_sum`).
+  `rng_impl`: the PRNG behind LoRA dropout (`state.rng` holds its raw key data).
   """
 
   def train_step(state: TrainState, frozen: dict[str, jax.Array], batch: dict[str, jax.Array]):
-    rng, step_rng = jax.random.split(state.rng)
+    rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng, impl=rng_impl))
     grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
     micro = jax.tree.map(
         lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), batch)
@@ -116,7 +121,7 @@ def make_train_step(split: SplitModel, tx: optax.GradientTransformation, micro_b
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss_sum / denom, "supervised_tokens": count,
                "grad_norm": optax.tree.norm(grads), "unscored_targets": unscored}
-    return TrainState(state.step + 1, params, opt_state, rng), metrics
+    return TrainState(state.step + 1, params, opt_state, jax.random.key_data(rng)), metrics
 
   return train_step
 

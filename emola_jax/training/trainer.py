@@ -285,6 +285,9 @@ def generated_scores(run: TrainSetup, params, frozen, config) -> dict[str, float
   return out
 
 
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
 @dataclasses.dataclass
 class TrainSetup:
   """Everything the loop (or `emola-plan`) needs, placed on the mesh."""
@@ -302,6 +305,9 @@ class TrainSetup:
 def setup(config: ml_collections.ConfigDict, steps: int, *, abstract_only: bool = False,
           devices=None) -> TrainSetup:
   """Mesh, sharded parameters and optimizer state, and the jitted steps for `steps` steps."""
+  if config.train.rng_impl not in RNG_IMPLS:
+    raise ValueError(f"--config.train.rng_impl={config.train.rng_impl!r} is not one of "
+                     f"{RNG_IMPLS}")
   mesh = mesh_lib.make_mesh(config, devices)
   rules = mesh_lib.rules_from_config(config)
   with jax.set_mesh(mesh), logical.logical_axis_rules(rules):
@@ -322,15 +328,17 @@ def setup(config: ml_collections.ConfigDict, steps: int, *, abstract_only: bool 
                  if abstract_only else init_opt(split.trainable))
     step0 = (jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated) if abstract_only
              else jax.device_put(jnp.zeros((), jnp.int32), replicated))
-    rng = (jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated) if abstract_only
-           else jax.device_put(jax.random.PRNGKey(config.train.seed), replicated))
+    key_data = jax.random.key_data(jax.random.key(config.train.seed, impl=config.train.rng_impl))
+    rng = (jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=replicated)
+           if abstract_only else jax.device_put(key_data, replicated))
     state = train_step.TrainState(step0, split.trainable, opt_state, rng)
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   frozen_sh = jax.tree.map(lambda x: x.sharding, split.frozen)
   batch_sh = mesh_lib.batch_sharding(mesh)
   only_targets = config.train.target_logits_only
   step_fn = jax.jit(train_step.make_train_step(split, tx, config.train.micro_batches,
-                                               target_logits_only=only_targets),
+                                               target_logits_only=only_targets,
+                                               rng_impl=config.train.rng_impl),
                     in_shardings=(state_sh, frozen_sh, batch_sh),
                     out_shardings=(state_sh, replicated), donate_argnums=(0,))
   eval_fn = jax.jit(train_step.make_eval_step(split, only_targets),
