@@ -206,9 +206,12 @@ class Generator:
 
   `transpose_kernels` (with `unstack_layers`) makes that copy with every decoder kernel and the
   LM head stored [out, in], so that a decoding step multiplies weights-first
-  (`layers.dense`): 2-3x faster matmuls on XLA:CPU at batch 8 (BENCHMARKS.md), plus one
-  transient copy of an untied LM head. Default (None): on when JAX's backend is the CPU, the
-  only one it was measured on.
+  (`layers.dense`): 2-3x faster matmuls on XLA:CPU at batch 8 (BENCHMARKS.md). Default (None):
+  on when JAX's backend is the CPU, the only one it was measured on.
+
+  With `unstack_layers` the Generator keeps this decoding copy of the decoder (one copy of its
+  weights, plus an untied LM head when transposed) from construction or `refresh` on, so calls
+  do not pay for it; `unstack_layers=False` holds no copy.
   """
 
   def __init__(self, model: EmolaModel, *, length_bucket: int = 64,
@@ -222,18 +225,23 @@ class Generator:
       raise ValueError("generate: transpose_kernels=True needs unstack_layers=True (the "
                        "transposed copy is made while unstacking)")
     self.transpose_kernels = transpose_kernels
-    self._graphdef, self._state = nnx.split(model)
     self.config = model.config
     self.length_bucket = length_bucket
     self.batch_buckets = tuple(batch_buckets) if batch_buckets else None
     self.unstack_layers = unstack_layers
+    self.refresh(model)
     self.num_traces = 0
     self._loop = jax.jit(self._decode, static_argnames=("max_new_tokens", "do_sample",
                                                          "return_logits"))
 
   def refresh(self, model: EmolaModel) -> None:
-    """Takes the current parameters of `model` (same structure as at construction)."""
-    self._state = nnx.state(model)
+    """Takes the current parameters of `model` (same structure as at construction) and, with
+    `unstack_layers`, makes the decoding copy of its decoder from them."""
+    if self.unstack_layers:  # eagerly: the other parameters stay the model's own arrays
+      model = nnx.merge(*nnx.split(model))
+      model.language_model = model.language_model.for_decoding(
+          transpose_kernels=self.transpose_kernels)
+    self._graphdef, self._state = nnx.split(model)
 
   def __call__(self, input_ids, attention_mask=None, pixel_values=None, prior_features=None, *,
                max_new_tokens: int, eos_id: int | Sequence[int] | None, pad_id: int,
@@ -297,8 +305,6 @@ class Generator:
     self.num_traces += 1  # runs only while tracing
     model = nnx.merge(self._graphdef, state)
     lm = model.language_model
-    if self.unstack_layers:
-      lm = lm.for_decoding(transpose_kernels=self.transpose_kernels)
     rows, width = input_ids.shape
     steps = max_new_tokens
 

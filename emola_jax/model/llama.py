@@ -149,11 +149,10 @@ class LlamaForCausalLM(nnx.Module):
     self.remat_policy = remat_policy
 
   def for_decoding(self, *, transpose_kernels: bool) -> LlamaForCausalLM:
-    """A copy of this decoder laid out for a token-by-token loop (inside `jit`: one copy of the
-    weights per call, made before the loop).
+    """A copy of this decoder laid out for a token-by-token loop (`Generator` keeps one).
 
-    The blocks' weights are sliced out of the stack (`stack.unstack`), so the loop reads them in
-    place instead of slicing them on every step. With `transpose_kernels`, every kernel and the
+    The blocks' weights are sliced out of the stack (`stack.unstack`: one copy of them), so the
+    loop reads them in place instead of slicing them on every step. With `transpose_kernels`, every kernel and the
     LM head are also stored [out, in], for `layers.dense`'s weights-first product on few rows
     (faster on XLA:CPU; measured in BENCHMARKS.md). Same function, for inference only.
     """
