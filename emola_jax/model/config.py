@@ -15,6 +15,7 @@ PRIOR_POSITIONS = ("after", "before", "none")
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
+DROPOUT_MASKS = ("bernoulli", "hash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -90,6 +91,10 @@ class LoraConfig:
   dropout: float = 0.0
   targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                               "down_proj")
+  # Where dropout masks come from: "bernoulli" draws them with jax.random from the step's key
+  # (train.rng_impl); "hash" hashes each element's index with a seed drawn from that key, ~40x
+  # cheaper on a CPU, the same keep probability, and the same masks under any sharding.
+  dropout_masks: str = "bernoulli"
 
   @property
   def scale(self) -> float:
@@ -128,6 +133,7 @@ class EmolaConfig:
     _check_choice("param_dtype", self.param_dtype, DTYPES)
     _check_choice("dtype", self.dtype, DTYPES)
     _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    _check_choice("lora.dropout_masks", self.lora.dropout_masks, DROPOUT_MASKS)
     if self.attention_query_block < 0:
       raise ValueError(f"attention_query_block={self.attention_query_block} must be >= 0 "
                        "(0 = one block)")

@@ -82,7 +82,8 @@ class DecoderBlock(nnx.Module):
     def linear(name, n_in, n_out, axes, bias):
       rank = lora.rank if name in lora.targets else 0
       return Linear(n_in, n_out, axes, use_bias=bias, lora_rank=rank, lora_alpha=lora.alpha,
-                    lora_dropout=lora.dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                    lora_dropout=lora.dropout, lora_dropout_masks=lora.dropout_masks,
+                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     norm_kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.input_norm = RMSNorm(d, cfg.rms_norm_eps, **norm_kw)

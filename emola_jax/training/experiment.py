@@ -61,7 +61,8 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
   # most T - 1 - image slots positions per row. False: every position, as `transformers` does.
   c.train.target_logits_only = True
   # The PRNG behind LoRA dropout: "threefry2x32" (JAX's default: the same masks under any
-  # sharding), "rbg" or "unsafe_rbg" (XLA's RngBitGenerator: cheaper masks; MaxText's default).
+  # sharding), "rbg" or "unsafe_rbg" (XLA's RngBitGenerator, MaxText's default; no consistent
+  # gain on the 2-core CPU, BENCHMARKS.md). model.lora.dropout_masks=hash bypasses its bits.
   # Checkpoints keep the key data, so resume with the same choice.
   c.train.rng_impl = "threefry2x32"
   # dtype of the frozen weights ("" = model.param_dtype); "bfloat16" halves their memory while
