@@ -179,10 +179,12 @@ def _xla_flops(cfg: EmolaConfig, groups: tuple[str, ...], batch: int, seq: int,
 XLA_OVER = (1.0, 1.06)
 
 
-@pytest.mark.parametrize("remat,groups,only_targets", [
-    ("none", EMOLA, False), ("none", EMOLA, True), ("full", ("lora",), False)])
-def test_matches_xla_cost_analysis(remat, groups, only_targets):
-  cfg = _xla_config(remat_policy=remat)
+@pytest.mark.parametrize("remat,groups,only_targets,impl", [
+    ("none", EMOLA, False, "xla"), ("none", EMOLA, True, "xla"), ("full", ("lora",), False, "xla"),
+    ("none", EMOLA, True, "einsum"), ("full", ("lora",), False, "einsum")])
+def test_matches_xla_cost_analysis(remat, groups, only_targets, impl):
+  # einsum: query blocks of 16 over 64 tokens compute 62.5% of the scores (hand count below).
+  cfg = _xla_config(remat_policy=remat, attention_impl=impl, attention_query_block=16)
   ours = flops.step_flops(cfg, 2, 64, groups, only_targets)
   xla = _xla_flops(cfg, groups, 2, 64, only_targets)
   assert XLA_OVER[0] <= xla / ours.hardware <= XLA_OVER[1], (xla, ours)
@@ -195,6 +197,12 @@ def test_remat_recompute_matches_xla_difference():
   xla_extra = _xla_flops(full, EMOLA, 2, 64) - _xla_flops(none, EMOLA, 2, 64)
   ours = flops.step_flops(full, 2, 64, EMOLA).extra["remat_recompute"]
   assert 1.0 <= xla_extra / ours <= 1.05, (xla_extra, ours)
+
+
+def test_causal_blocks_executed_share():
+  assert flops.causal_blocks_executed(64, 16) == (16 * 16 + 16 * 32 + 16 * 48 + 16 * 64) / 64**2
+  assert flops.causal_blocks_executed(10, 4) == (4 * 4 + 4 * 8 + 2 * 10) / 100
+  assert flops.causal_blocks_executed(64, 0) == flops.causal_blocks_executed(64, 64) == 1.0
 
 
 # ------------------------------------------------------------------------- peaks and MFU

@@ -29,9 +29,9 @@ Counting rules (one multiply-add = 2 FLOPs; B = batch rows, T = sequence length,
   (tests/test_flops.py compares).
 
 Model FLOPs are the count above (the convention of PaLM's MFU, with causal attention halved).
-Hardware FLOPs are what the step actually executes: model FLOPs plus (1) the masked half of causal
-attention, which our attention computes since it passes an explicit mask rather than skipping
-blocks, and (2) remat recompute: `full` (nothing saveable) re-runs each block's forward in the
+Hardware FLOPs are what the step actually executes: model FLOPs plus (1) the masked part of causal
+attention that runs: the whole masked half with `attention_impl` xla or cudnn (an explicit mask),
+less with einsum's query blocks, which skip the keys after each block, and (2) remat recompute: `full` (nothing saveable) re-runs each block's forward in the
 backward pass, except the last matmul of each block whose output the backward never reads (XLA
 drops it); `dots` saves every matmul output (no matmul recompute); `dots_no_batch` saves the
 weight matmuls but re-runs the attention matmuls (they have batch dimensions). Blocks are only
@@ -188,18 +188,20 @@ class _Count:
     self.last_fwd = last
 
   def attention(self, part: str, batch: int, heads: int, t: int, s: int, head_dim: int, *,
-                causal: bool, grad_q: bool, grad_k: bool, grad_v: bool) -> None:
-    """QK^T and AV; causal attention counts half in the model, the whole in the hardware."""
+                causal: bool, grad_q: bool, grad_k: bool, grad_v: bool,
+                executed: float = 1.0) -> None:
+    """QK^T and AV; causal attention counts half in the model, `executed` (the share of the
+    [t, s] scores computed) in the hardware."""
     one = 2.0 * batch * heads * t * s * head_dim  # one of QK^T or AV, unmasked
     frac = 0.5 if causal else 1.0
     grad_scores = grad_q or grad_k
     passes = (1 + int(grad_q) + int(grad_k)) + (1 + int(grad_scores) + int(grad_v))
     self.parts[part] += one * frac * passes
     if causal:
-      self.extra["masked_attention"] += one * (1 - frac) * passes
+      self.extra["masked_attention"] += one * (executed - frac) * passes
     if grad_q or grad_k or grad_v:
-      self.block_fwd += 2 * one
-      self.block_attention_fwd += 2 * one
+      self.block_fwd += 2 * one * executed
+      self.block_attention_fwd += 2 * one * executed
 
   def begin_block(self) -> None:
     self.block_fwd = self.block_attention_fwd = self.last_fwd = 0.0
@@ -214,6 +216,15 @@ class _Count:
       self.extra["remat_recompute"] += self.block_attention_fwd
     else:
       raise ValueError(f"unknown remat policy {policy!r}")
+
+
+def causal_blocks_executed(t: int, query_block: int) -> float:
+  """The share of the [t, t] scores that causal attention in query blocks computes: block i
+  (queries up to its end e_i) scores keys [0, e_i)."""
+  if not 0 < query_block < t:
+    return 1.0
+  ends = [min(start + query_block, t) for start in range(0, t, query_block)]
+  return sum((end - start) * end for start, end in zip(range(0, t, query_block), ends)) / t**2
 
 
 def step_flops(cfg: EmolaConfig, batch: int, seq_len: int, trainable: Iterable[str],
@@ -290,6 +301,8 @@ def step_flops(cfg: EmolaConfig, batch: int, seq_len: int, trainable: Iterable[s
     c.linear("llm", n, din, dout, trains=lt, grad_in=grad_in, lora_rank=lora_of(name),
              lora_trains=lora_t)
 
+  executed = (causal_blocks_executed(seq_len, cfg.attention_query_block)
+              if cfg.attention_impl == "einsum" else 1.0)
   for _ in range(t.num_layers):
     c.begin_block()
     lin("q_proj", D, q_dim, g)
@@ -297,7 +310,7 @@ def step_flops(cfg: EmolaConfig, batch: int, seq_len: int, trainable: Iterable[s
     lin("v_proj", D, kv_dim, g)
     gq, gk, gv = (g or trains_after(p) for p in ("q_proj", "k_proj", "v_proj"))
     c.attention("attention", batch, t.num_heads, seq_len, seq_len, hd, causal=True,
-                grad_q=gq, grad_k=gk, grad_v=gv)
+                grad_q=gq, grad_k=gk, grad_v=gv, executed=executed)
     g_attn = gq or gk or gv
     lin("o_proj", q_dim, D, g_attn)
     g_mid = g_attn or trains_after("o_proj")
