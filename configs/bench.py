@@ -6,7 +6,9 @@ LLaVA reads the penultimate layer), the mlp2x_gelu projector, the prior token, a
 up to a multiple of 256; vocabulary 32000), sequence 512, with EmoLA's recipe (LoRA r128 /
 alpha 256 / dropout 0.05 on all seven projections; LoRA, projector and prior projector train).
 fp32 compute: on this CPU bf16 matmuls run in neither framework at speed. One train step is
-about 1 TFLOP at batch 4.
+about 1 TFLOP at batch 4. The speed options below (no remat, unrolled layers, einsum attention,
+hash dropout masks) were chosen by side-by-side measurement on the 2-core CPU (BENCHMARKS.md);
+none changes the function computed.
 
   python -m emola_jax.bench --config=configs/bench.py
   emola-train --config=configs/bench.py --workdir=/tmp/bench_run --config.data.dir=DATA \
@@ -32,7 +34,9 @@ def get_config():
   c.model.param_dtype = "float32"
   # Measured on the 2-core CPU (python -m emola_jax.bench --parts=variants): see BENCHMARKS.md.
   c.model.remat_policy = "none"
-  c.model.scan_layers = True
+  # Unrolled: no stacking of residuals into scan buffers (4.96 vs 5.24 s side by side with the
+  # hash masks below; with threefry masks the scan had been faster).
+  c.model.scan_layers = False
   c.model.attention_impl = "einsum"  # heads-first, causal query blocks of 256
   c.model.lora.dropout_masks = "hash"  # ~40x cheaper masks than jax.random.bernoulli here
   c.train.trainable = "emola"
