@@ -1,4 +1,5 @@
-"""The "einsum" attention (heads-first, causal query blocks) against jax.nn.dot_product_attention."""
+"""The "einsum" attention (heads-first, causal query blocks) against numpy and
+jax.nn.dot_product_attention."""
 
 from __future__ import annotations
 

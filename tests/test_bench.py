@@ -123,3 +123,16 @@ def test_parse_override():
     bench.parse_override(config, "model.scan_layers=maybe")
   with pytest.raises(app.UsageError, match="not KEY=VALUE"):
     bench.parse_override(config, "model.scan_layers")
+
+
+def test_bench_decode_times_each_weight_layout_against_transformers():
+  proc = _run([sys.executable, "-m", "emola_jax.evaluation.bench_decode", "--width=64",
+               "--layers=1", "--vocab=500", "--new_tokens=4", "--repeats=1", "--prompt_len=24",
+               "--image_size=28", "--batch_sizes=2", "--layouts=stacked,unstacked,transposed"])
+  rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "%" in line]
+  assert [row.split("|")[1].strip() for row in rows] == ["stacked", "unstacked", "transposed"]
+  assert all(row.rstrip().endswith("100.0% |") for row in rows)  # greedy: identical tokens
+  bad = subprocess.run([sys.executable, "-m", "emola_jax.evaluation.bench_decode",
+                        "--layouts=sideways", "--layers=1", "--width=64", "--vocab=500"],
+                       cwd=REPO, capture_output=True, text=True, check=False)
+  assert bad.returncode != 0 and "unknown ['sideways']" in bad.stderr

@@ -190,11 +190,13 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert float(m1["supervised_tokens"]) == float(m2["supervised_tokens"]) == 4 * 5 - 3
 
 
-@pytest.mark.parametrize("impl", ["threefry2x32", "rbg", "unsafe_rbg"])
-def test_dropout_prng_implementations(impl):
-  """Each `train.rng_impl` draws LoRA dropout masks from its key, carried as raw key data."""
+@pytest.mark.parametrize("impl,masks", [("threefry2x32", "bernoulli"), ("rbg", "bernoulli"),
+                                        ("unsafe_rbg", "bernoulli"), ("threefry2x32", "hash")])
+def test_dropout_prng_implementations(impl, masks):
+  """Each `train.rng_impl` (and mask generator) draws LoRA dropout masks from its key, carried
+  as raw key data."""
   config = presets.get("tiny").replace(**{"lora.rank": 4, "lora.alpha": 8.0,
-                                          "lora.dropout": 0.5})
+                                          "lora.dropout": 0.5, "lora.dropout_masks": masks})
   split = param_groups.SplitModel.from_model(EmolaModel(config, rngs=nnx.Rngs(0)),
                                              param_groups.parse_trainable("emola"))
   tx = optax.adam(1e-2)

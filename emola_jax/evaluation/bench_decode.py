@@ -8,6 +8,8 @@ timed apart and not counted. EOS is disabled on both sides, so every row generat
 `--new_tokens` tokens.
 
   python -m emola_jax.evaluation.bench_decode [--batch_sizes=1,8] [--new_tokens=64] ...
+  python -m emola_jax.evaluation.bench_decode --width=1024 --image_size=56 --threads=0 \
+      --layouts=stacked,unstacked,transposed      # the Generator's weight layouts side by side
 
 Needs torch (the `torch` extra).
 """
@@ -36,12 +38,17 @@ flags.DEFINE_integer("width", 512, "LLaMA hidden size.")
 flags.DEFINE_integer("vocab", 32000, "Vocabulary size (LLaMA-2's by default).")
 flags.DEFINE_integer("image_size", 56, "CLIP image size; patch 14, so (size / 14)^2 image slots.")
 flags.DEFINE_integer("seed", 0, "Seed of the random weights and prompts.")
+flags.DEFINE_list("layouts", ["default"], "Generator weight layouts to time, each against "
+                  "transformers in this process: default (the Generator's own choice), stacked "
+                  "(unstack_layers=False), unstacked (transpose_kernels=False), transposed.")
 flags.DEFINE_integer(
     "threads", 1, "CPU threads per framework (torch intra-op threads, XLA CPU intra-op "
     "threads); 0 keeps both frameworks' defaults. One thread each is the fair setting on a "
     "shared machine: an oversubscribed torch thread pool slows down several-fold.")
 
 PATCH = 14
+LAYOUTS = {"default": {}, "stacked": {"unstack_layers": False},
+           "unstacked": {"transpose_kernels": False}, "transposed": {"transpose_kernels": True}}
 
 
 def build_hf_model(layers: int, width: int, vocab: int, image_size: int, seed: int):
@@ -149,22 +156,27 @@ def main(argv):
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp)
     model, _ = load_pretrained(tmp)
-  generator = Generator(model)
-  rows = [compare(generator, hf, batch=batch, prompt_len=FLAGS.prompt_len,
-                  new_tokens=FLAGS.new_tokens, image_size=FLAGS.image_size,
-                  repeats=FLAGS.repeats, seed=FLAGS.seed + batch)
-          for batch in map(int, FLAGS.batch_sizes)]
+  unknown = set(FLAGS.layouts) - set(LAYOUTS)
+  if unknown:
+    raise app.UsageError(f"--layouts: unknown {sorted(unknown)}; choose from {sorted(LAYOUTS)}")
+  rows = []
+  for layout in FLAGS.layouts:
+    generator = Generator(model, **LAYOUTS[layout])
+    for batch in map(int, FLAGS.batch_sizes):
+      rows.append(dict(compare(generator, hf, batch=batch, prompt_len=FLAGS.prompt_len,
+                               new_tokens=FLAGS.new_tokens, image_size=FLAGS.image_size,
+                               repeats=FLAGS.repeats, seed=FLAGS.seed + batch), layout=layout))
 
   print(f"\nGreedy decoding, fp32, {jax.devices()[0].platform.upper()} "
         f"({os.cpu_count()} cores visible, threads per framework: "
         f"{FLAGS.threads or 'default'}); LLaMA {FLAGS.layers} layers x {FLAGS.width}, vocab "
         f"{FLAGS.vocab}, CLIP 2 x 64 at {FLAGS.image_size}px; prompt {FLAGS.prompt_len} tokens, "
         f"{FLAGS.new_tokens} new tokens; median of {FLAGS.repeats} interleaved calls.\n")
-  print("| batch | emola-jax tok/s | transformers tok/s | speed-up | emola-jax first call s "
-        "(compile) | transformers first call s | same tokens |")
-  print("|---|---|---|---|---|---|---|")
+  print("| layout | batch | emola-jax tok/s | transformers tok/s | speed-up | emola-jax first "
+        "call s (compile) | transformers first call s | same tokens |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['batch']} | {r['ours_tokens_per_second']:.0f} | "
+    print(f"| {r['layout']} | {r['batch']} | {r['ours_tokens_per_second']:.0f} | "
           f"{r['transformers_tokens_per_second']:.0f} | {r['speedup']:.2f}x | "
           f"{r['ours_first_call_seconds']:.2f} | {r['transformers_first_call_seconds']:.2f} | "
           f"{r['same_tokens']:.1%} |")

@@ -153,9 +153,10 @@ class LlamaForCausalLM(nnx.Module):
     """A copy of this decoder laid out for a token-by-token loop (`Generator` keeps one).
 
     The blocks' weights are sliced out of the stack (`stack.unstack`: one copy of them), so the
-    loop reads them in place instead of slicing them on every step. With `transpose_kernels`, every kernel and the
-    LM head are also stored [out, in], for `layers.dense`'s weights-first product on few rows
-    (faster on XLA:CPU; measured in BENCHMARKS.md). Same function, for inference only.
+    loop reads them in place instead of slicing them on every step. With `transpose_kernels`,
+    every kernel and the LM head are also stored [out, in], for `layers.dense`'s weights-first
+    product on few rows (faster on XLA:CPU; measured in BENCHMARKS.md). Same function, for
+    inference only.
     """
     clone = nnx.merge(*nnx.split(self))
     clone.blocks = nnx.List(unstack(self.blocks, self.cfg.num_layers))
@@ -165,7 +166,8 @@ class LlamaForCausalLM(nnx.Module):
           if isinstance(module, Linear):
             module.transpose_kernel()
       if clone.lm_head is not None:
-        clone.lm_head = clone.lm_head.replace(clone.lm_head[...].T, out_sharding=("vocab", "embed"))
+        clone.lm_head = clone.lm_head.replace(clone.lm_head[...].T,
+                                              out_sharding=("vocab", "embed"))
         clone.head_transposed = True
     return clone
 

@@ -29,12 +29,13 @@ Counting rules (one multiply-add = 2 FLOPs; B = batch rows, T = sequence length,
   (tests/test_flops.py compares).
 
 Model FLOPs are the count above (the convention of PaLM's MFU, with causal attention halved).
-Hardware FLOPs are what the step actually executes: model FLOPs plus (1) the masked part of causal
-attention that runs: the whole masked half with `attention_impl` xla or cudnn (an explicit mask),
-less with einsum's query blocks, which skip the keys after each block, and (2) remat recompute: `full` (nothing saveable) re-runs each block's forward in the
-backward pass, except the last matmul of each block whose output the backward never reads (XLA
-drops it); `dots` saves every matmul output (no matmul recompute); `dots_no_batch` saves the
-weight matmuls but re-runs the attention matmuls (they have batch dimensions). Blocks are only
+Hardware FLOPs are what the step actually executes: model FLOPs plus (1) the masked part of
+causal attention that runs: all of the masked half with `attention_impl` xla or cudnn (an
+explicit mask), less with einsum's query blocks, which skip the keys after each block, and (2)
+remat recompute: `full` (nothing saveable) re-runs each block's forward in the backward pass,
+except the last matmul of each block whose output the backward never reads (XLA drops it);
+`dots` saves every matmul output (no matmul recompute); `dots_no_batch` saves the weight
+matmuls but re-runs the attention matmuls (they have batch dimensions). Blocks are only
 recomputed when their backward runs.
 
 MFU = model FLOPs per step / step seconds / peak FLOP/s, with the peak from `PEAK_TFLOPS` by
