@@ -198,20 +198,17 @@ class Generator:
   between training evaluations). `num_traces` counts how often the loop was traced (= compiled),
   which shows whether the buckets hold.
 
-  `unstack_layers` (default True) slices each decoder layer's weights out of the stacked
-  parameters once per call, before the token loop, instead of once per layer and token inside
-  it: the loop then reads the weights where they lie (on a CPU, measured in BENCHMARKS.md, the
-  per-token copies were most of a decoding step). It costs one transient copy of the decoder's
-  layer weights per call; False keeps the scan and no extra memory.
+  `unstack_layers` (default True) keeps a decoding copy of the decoder with each layer's weights
+  sliced out of the stack (`LlamaForCausalLM.for_decoding`), made at construction and at every
+  `refresh`: the token loop then reads the weights where they lie, where slicing the stack
+  inside the loop copied every layer's weights on every token (on a CPU, BENCHMARKS.md, most of
+  a decoding step). It costs one copy of the decoder's weights for the Generator's lifetime;
+  False scans the stacked weights and holds no copy.
 
-  `transpose_kernels` (with `unstack_layers`) makes that copy with every decoder kernel and the
-  LM head stored [out, in], so that a decoding step multiplies weights-first
+  `transpose_kernels` (with `unstack_layers`) stores every kernel of that copy and the LM head
+  [out, in] (one more copy of an untied head), so that a decoding step multiplies weights-first
   (`layers.dense`): 2-3x faster matmuls on XLA:CPU at batch 8 (BENCHMARKS.md). Default (None):
   on when JAX's backend is the CPU, the only one it was measured on.
-
-  With `unstack_layers` the Generator keeps this decoding copy of the decoder (one copy of its
-  weights, plus an untied LM head when transposed) from construction or `refresh` on, so calls
-  do not pay for it; `unstack_layers=False` holds no copy.
   """
 
   def __init__(self, model: EmolaModel, *, length_bucket: int = 64,
