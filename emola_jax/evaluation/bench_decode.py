@@ -151,14 +151,14 @@ def compare(generator: Generator, hf, *, batch: int, prompt_len: int, new_tokens
 
 def main(argv):
   del argv
+  unknown = set(FLAGS.layouts) - set(LAYOUTS)
+  if unknown:
+    raise app.UsageError(f"--layouts: unknown {sorted(unknown)}; choose from {sorted(LAYOUTS)}")
   set_threads(FLAGS.threads)
   hf = build_hf_model(FLAGS.layers, FLAGS.width, FLAGS.vocab, FLAGS.image_size, FLAGS.seed)
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp)
     model, _ = load_pretrained(tmp)
-  unknown = set(FLAGS.layouts) - set(LAYOUTS)
-  if unknown:
-    raise app.UsageError(f"--layouts: unknown {sorted(unknown)}; choose from {sorted(LAYOUTS)}")
   rows = []
   for layout in FLAGS.layouts:
     generator = Generator(model, **LAYOUTS[layout])

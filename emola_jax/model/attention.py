@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
               impl: str = "xla", *, causal: bool = False, query_block: int = 0) -> jax.Array:
   """q [B, T, N, H], k/v [B, S, K, H] with N % K == 0, mask bool [B, 1, T, S] -> [B, T, N, H].

@@ -205,14 +205,15 @@ class LlamaForCausalLM(nnx.Module):
     mask = causal_mask(query_slots, key_valid)
     inv_freq = rope_inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
     layer_rngs = (None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_layers))
-    blocks = list(self.blocks) if isinstance(self.blocks, nnx.List) else self.blocks
-    if cache is not None and cache.per_layer != isinstance(blocks, list):
+    unstacked = isinstance(self.blocks, nnx.List)  # `for_decoding`'s copy
+    blocks = list(self.blocks) if unstacked else self.blocks
+    if cache is not None and cache.per_layer != unstacked:
       raise ValueError("LlamaForCausalLM: a per-layer KV cache goes with the unstacked decoder "
                        "of `for_decoding`, a stacked one with the stacked decoder; build it with "
-                       f"KVCache.empty(..., per_layer={isinstance(blocks, list)})")
+                       f"KVCache.empty(..., per_layer={unstacked})")
     # Unstacked blocks run in a Python loop: numpy layer ids stay static there and pick the
     # layer's own cache arrays.
-    layer_ids = (np.arange(cfg.num_layers) if isinstance(blocks, list)
+    layer_ids = (np.arange(cfg.num_layers) if unstacked
                  else jnp.arange(cfg.num_layers, dtype=jnp.int32))
 
     # The cache rides in the carry and each layer updates its part in place: passing it as

@@ -36,9 +36,9 @@ def create_stack(make_block: Callable[[nnx.Rngs], nnx.Module], num: int,
 def unstack(blocks: nnx.Module, num: int) -> list[nnx.Module]:
   """The first `num` blocks as separate modules, each holding its own slice of the weights.
 
-  Inside `jit` this copies the weights once. A loop that runs the stack many times (token-by-
-  token decoding) then reads them in place, where slicing the stacked weights in the loop body
-  would copy every layer's weights on every iteration.
+  This copies the weights once (eagerly, or once per call inside `jit`). A loop that runs the
+  stack many times (token-by-token decoding) then reads them in place, where slicing the stacked
+  weights in the loop body would copy every layer's weights on every iteration.
   """
   graphdef, state = nnx.split(blocks)
   return [nnx.merge(graphdef, jax.tree.map(lambda p, i=i: p[i], state)) for i in range(num)]

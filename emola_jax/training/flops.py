@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from emola_jax.model.config import EmolaConfig
+from emola_jax.training.train_step import logit_positions
 
 # Dense (non-sparse) peak TFLOP/s per chip by dtype, from the vendors' data sheets. TPUs: bf16
 # only (their fp32 matmuls are multi-pass bf16, with no single published figure). NVIDIA:
@@ -322,7 +323,7 @@ def step_flops(cfg: EmolaConfig, batch: int, seq_len: int, trainable: Iterable[s
     g_out = g_mlp or trains_after("down_proj")
     c.end_block(policy)
     g = g_out
-  head_rows = batch * max(seq_len - 1 - cfg.num_image_slots, 1) if target_logits_only else n
+  head_rows = batch * logit_positions(seq_len, cfg.num_image_slots) if target_logits_only else n
   c.matmul("lm_head", head_rows, D, t.vocab_size, weight_grad=lt, input_grad=g)
 
   parts = {k: v for k, v in c.parts.items() if v}

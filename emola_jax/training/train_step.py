@@ -48,6 +48,12 @@ def _nll_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.A
   return jnp.sum(nll * weights.astype(jnp.float32))
 
 
+def logit_positions(seq_len: int, image_slots: int) -> int:
+  """Positions per row whose logits `target_logits_only` computes: the most that can precede a
+  target (targets are text tokens after the first), T - 1 - image slots, at least 1."""
+  return max(seq_len - 1 - image_slots, 1)
+
+
 def target_positions(loss_mask: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
   """The first `num` positions t of each row whose next token is a target, in order.
 
@@ -74,7 +80,7 @@ def _loss_sum(params, frozen, split: SplitModel, batch, rng, target_logits_only:
   count = jnp.sum(loss_mask[:, 1:].astype(jnp.float32))
   if target_logits_only:
     slots = model.config.num_image_slots if batch.get("pixel_values") is not None else 0
-    at, weights = target_positions(loss_mask, max(ids.shape[1] - 1 - slots, 1))
+    at, weights = target_positions(loss_mask, logit_positions(ids.shape[1], slots))
     targets = jnp.take_along_axis(ids, at + 1, axis=1)
   else:
     at, targets, weights = None, ids[:, 1:], loss_mask[:, 1:]
