@@ -129,13 +129,19 @@ def prior_prompts(cfg, seed=1):
   return ids, mask, pixels, prior
 
 
-def test_kv_cache_logits_equal_full_forward_at_every_step(hf_dir):
+# (length_bucket, cache_growth): the default, one cache for the whole call, and a cache grown in
+# five stages (19, 21, 24, 27, 29 slots for the 17-token prompts).
+@pytest.mark.parametrize("bucket,growth", [(64, 2.0), (64, None), (1, 1.1)])
+def test_kv_cache_logits_equal_full_forward_at_every_step(hf_dir, bucket, growth):
   model, cfg = emola_jax.load_pretrained(hf_dir[1], prior_position="after")
   assert model.prior_projector is not None and cfg.num_image_slots == cfg.vision.num_patches + 1
   ids, mask, pixels, prior = prior_prompts(cfg)
-  out = gen_lib.generate(model, ids, mask, pixels, prior, max_new_tokens=8, eos_id=None,
-                         pad_id=PAD, return_logits=True)
-  assert out.logits.shape == (3, 8, cfg.text.vocab_size)
+  generator = gen_lib.Generator(model, length_bucket=bucket, cache_growth=growth)
+  out = generator(ids, mask, pixels, prior, max_new_tokens=13, eos_id=None, pad_id=PAD,
+                  return_logits=True)
+  stages = gen_lib.cache_lengths(gen_lib.round_up(ids.shape[1], bucket), 13, growth, bucket)
+  assert generator.num_traces == len(stages) and (len(stages) == 5) == (growth == 1.1)
+  assert out.logits.shape == (3, 13, cfg.text.vocab_size)
   # Full forward, no cache, over prompt + generated tokens (generated ids are embedded as text).
   full_mask = np.concatenate([mask, np.ones(out.tokens.shape, int)], axis=1)
   positions = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0)
@@ -150,7 +156,7 @@ def test_kv_cache_logits_equal_full_forward_at_every_step(hf_dir):
 
   full = full_forward(state, out.tokens)
   width = ids.shape[1]
-  for step in range(8):
+  for step in range(13):
     ref = np.asarray(full[:, width - 1 + step])
     assert hf_tiny.rel_err(out.logits[:, step], ref) <= 1e-4, step
     np.testing.assert_array_equal(out.tokens[:, step], ref.argmax(-1))
@@ -268,3 +274,32 @@ def test_image_placeholders_without_pixels_are_refused(ours, prompts):
   ids, _, mask = prompts
   with pytest.raises(ValueError, match="pixel_values is None"):
     gen_lib.generate(ours, ids, mask, None, max_new_tokens=2, eos_id=2, pad_id=PAD)
+
+
+def test_cache_lengths():
+  # Doubling from the prompt bucket, each size a multiple of the bucket; the last holds every
+  # slot a call can fill (prompt + max_new_tokens - 1).
+  assert gen_lib.cache_lengths(640, 2048, 2.0, 64) == [1280, 2560, 2687]
+  assert gen_lib.cache_lengths(64, 64, 2.0, 64) == [127]
+  assert gen_lib.cache_lengths(64, 64, None, 64) == [127]
+  assert gen_lib.cache_lengths(10, 1, 2.0, 1) == [10]  # one token: the prefill's slots only
+  assert gen_lib.cache_lengths(4, 9, 1.01, 1) == [5, 6, 7, 8, 9, 10, 11, 12]  # >= 1 slot a stage
+  with pytest.raises(ValueError, match="cache_growth=1 must be > 1"):
+    gen_lib.Generator(None, cache_growth=1)
+
+
+def test_grown_cache_equals_transformers_and_is_not_grown_after_rows_end(hf_dir, ours, prompts):
+  hf_model, _ = hf_dir
+  ids, pixels, mask = prompts
+  ref = hf_greedy(hf_model, ids, pixels, mask, eos_id=2)
+  generator = gen_lib.Generator(ours, length_bucket=1, cache_growth=1.1)
+  stages = gen_lib.cache_lengths(ids.shape[1], N_NEW, 1.1, 1)
+  assert len(stages) >= 5
+  np.testing.assert_array_equal(generator(ids, mask, pixels, max_new_tokens=N_NEW, eos_id=2,
+                                          pad_id=PAD).tokens, ref)
+  assert generator.num_traces == len(stages)
+  # Every row ends with its first token: no later stage runs (or is compiled).
+  generator = gen_lib.Generator(ours, length_bucket=1, cache_growth=1.1)
+  out = generator(ids, mask, pixels, max_new_tokens=N_NEW, eos_id=ref[:, 0].tolist(), pad_id=PAD)
+  np.testing.assert_array_equal(out.lengths, [1, 1, 1])
+  assert generator.num_traces == 1

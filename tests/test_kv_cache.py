@@ -84,3 +84,21 @@ def test_dense_with_a_transposed_kernel(rows):
   ours = jax.jit(lambda x, w: dense(x, w.T, transposed=True))(x, w)
   np.testing.assert_allclose(np.asarray(ours), x @ w, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(dense(x, w)), x @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_grown_cache_keeps_its_slots_and_adds_empty_ones(per_layer):
+  cache = KVCache.empty(CFG, 2, 3, jnp.float32, per_layer=per_layer)
+  rng = np.random.default_rng(0)
+  fill = lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  cache = KVCache(jax.tree.map(fill, cache.k), jax.tree.map(fill, cache.v),
+                  jnp.array([[True, True, False], [False, True, False]]), jnp.int32(2))
+  grown = cache.grow(5)
+  assert grown.max_len == 5 and int(grown.index) == 2 and grown.per_layer == per_layer
+  np.testing.assert_array_equal(grown.valid, [[1, 1, 0, 0, 0], [0, 1, 0, 0, 0]])
+  for old, new in zip(jax.tree.leaves((cache.k, cache.v)), jax.tree.leaves((grown.k, grown.v))):
+    assert new.shape == old.shape[:-2] + (5, old.shape[-1])  # [..., S, H]: slots before H
+    np.testing.assert_array_equal(new[..., :3, :], old)
+    assert not np.asarray(new[..., 3:, :]).any()
+  with pytest.raises(ValueError, match="2 slots < the 3"):
+    cache.grow(2)

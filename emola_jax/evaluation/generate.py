@@ -10,8 +10,11 @@ Decoding is a `jax.lax.while_loop` that stops as soon as every row has ended (EO
 sequence) or `max_new_tokens` is reached. A fixed-count scan with masking would keep running to
 `max_new_tokens` (2048 in the reference protocol) although EmoLA's answers end after a few hundred
 tokens; the while loop pays one cheap predicate per step instead. The KV cache is created inside
-the jitted function and lives in the loop carry, where XLA updates it in place; nothing crosses to
-the host until the loop is done.
+the jitted function and lives in the loop carry, where XLA updates it in place. For the same
+reason the cache is not sized for `max_new_tokens` up front: every step attends over all of its
+slots, so it starts at twice the prompt bucket and doubles when full (`Generator.cache_growth`),
+each size a loop of its own; the host looks at the carry only between sizes (whether every row
+has ended), not per token.
 
 The model is split once (`nnx.split`) and its parameters are arguments of a plain `jax.jit`
 function, so a call has no NNX graph traversal and weights are not baked in as constants.
@@ -191,11 +194,29 @@ def stop_sequence_array(stop_token_sequences: Sequence[Sequence[int]]) -> np.nda
   return out
 
 
+def cache_lengths(width: int, max_new_tokens: int, growth: float | None,
+                  bucket: int) -> list[int]:
+  """The KV cache's slot counts, stage by stage, for a prompt bucket of `width` tokens.
+
+  The last is `width + max_new_tokens - 1`, every slot a call can fill (the last generated token
+  is never fed back). With `growth`, the cache starts at `growth x width` slots (rounded up to a
+  multiple of `bucket`) and grows by that factor each time it is full.
+  """
+  full = width + max_new_tokens - 1
+  if growth is None:
+    return [full]
+  lengths, size = [], width
+  while size < full:
+    size = min(full, max(size + 1, round_up(math.ceil(size * growth), bucket)))
+    lengths.append(size)
+  return lengths or [full]
+
+
 class Generator:
   """Compiled generation for one model; call it like `generate` without the model argument.
 
   The parameters are read once, at construction; call `refresh(model)` after changing them (e.g.
-  between training evaluations). `num_traces` counts how often the loop was traced (= compiled),
+  between training evaluations). `num_traces` counts how often a loop was traced (= compiled),
   which shows whether the buckets hold.
 
   `unstack_layers` (default True) keeps a decoding copy of the decoder with each layer's weights
@@ -209,13 +230,24 @@ class Generator:
   [out, in] (one more copy of an untied head), so that a decoding step multiplies weights-first
   (`layers.dense`): 2-3x faster matmuls on XLA:CPU at batch 8 (BENCHMARKS.md). Default (None):
   on when JAX's backend is the CPU, the only one it was measured on.
+
+  `cache_growth` (default 2): the KV cache starts with room for `cache_growth` x the prompt
+  bucket and grows by that factor whenever it is full (`cache_lengths`), so that a step's
+  attention reads at most ~`cache_growth` x the slots in use. Every step attends over the whole
+  cache; sized for `max_new_tokens` at once (None), a call with the reference protocol's
+  `max_new_tokens=2048` whose answers end after a few hundred tokens reads ~2700 slots per step
+  and decodes at less than half the speed (BENCHMARKS.md). Each size is its own compiled loop
+  (traced when first reached); between sizes the host checks once whether every row has ended.
   """
 
   def __init__(self, model: EmolaModel, *, length_bucket: int = 64,
                batch_buckets: Sequence[int] | None = None, unstack_layers: bool = True,
-               transpose_kernels: bool | None = None):
+               transpose_kernels: bool | None = None, cache_growth: float | None = 2.0):
     if length_bucket < 1:
       raise ValueError(f"generate: length_bucket={length_bucket} must be >= 1")
+    if cache_growth is not None and not cache_growth > 1:
+      raise ValueError(f"generate: cache_growth={cache_growth} must be > 1 (or None: the whole "
+                       "cache at once)")
     if transpose_kernels is None:
       transpose_kernels = unstack_layers and jax.default_backend() == "cpu"
     if transpose_kernels and not unstack_layers:
@@ -226,10 +258,14 @@ class Generator:
     self.length_bucket = length_bucket
     self.batch_buckets = tuple(batch_buckets) if batch_buckets else None
     self.unstack_layers = unstack_layers
+    self.cache_growth = cache_growth
     self.refresh(model)
     self.num_traces = 0
-    self._loop = jax.jit(self._decode, static_argnames=("max_new_tokens", "do_sample",
-                                                         "return_logits"))
+    static = ("max_new_tokens", "cache_len", "do_sample", "return_logits")
+    self._start = jax.jit(self._prefill_and_decode, static_argnames=static)
+    # The carry's buffers (tokens, lengths, logits, ...) are reused; the cache is re-allocated.
+    self._resume = jax.jit(self._grow_and_decode, static_argnames=static,
+                           donate_argnames=("carry",))
 
   def refresh(self, model: EmolaModel) -> None:
     """Takes the current parameters of `model` (same structure as at construction) and, with
@@ -282,98 +318,128 @@ class Generator:
     elif (packed.input_ids == self.config.image_token_index).any():
       raise ValueError(f"generate: input_ids hold image placeholders (id "
                        f"{self.config.image_token_index}) but pixel_values is None")
-    out = self._loop(
+    lengths = cache_lengths(packed.input_ids.shape[1], max_new_tokens, self.cache_growth,
+                            self.length_bucket)
+    static = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                  return_logits=return_logits)
+    carry, cache, fixed = self._start(
         self._state, packed.input_ids, packed.attention_mask, packed.pixel_values,
         packed.prior_features, packed.active, jax.random.key(seed),
         np.float32(max(temperature, 1e-6)), np.float32(top_p), eos_array(eos_ids),
-        stop_sequence_array(stop_token_sequences), np.int32(pad_id),
-        max_new_tokens=max_new_tokens, do_sample=temperature > 0, return_logits=return_logits)
-    out = jax.device_get(out)
+        stop_sequence_array(stop_token_sequences), np.int32(pad_id), cache_len=lengths[0],
+        **static)
+    for cache_len in lengths[1:]:
+      if jax.device_get(carry["finished"].all() | (carry["step"] >= max_new_tokens)):
+        break
+      carry, cache = self._resume(self._state, carry, cache, fixed, cache_len=cache_len,
+                                  **static)
+    out = jax.device_get({k: v for k, v in carry.items() if k not in ("window", "step")})
     b = packed.batch
     return GenerationOutput(tokens=out["tokens"][:b], lengths=out["lengths"][:b],
                             content_lengths=out["content_lengths"][:b],
                             finished=out["finished"][:b],
                             logits=out["logits"][:b] if return_logits else None)
 
-  def _decode(self, state, input_ids, attention_mask, pixel_values, prior_features, active, key,
-              temperature, top_p, eos_ids, stop_seqs, pad_id, *, max_new_tokens: int,
-              do_sample: bool, return_logits: bool) -> dict[str, jax.Array]:
-    """The jitted loop on a packed batch: prefill, then one token per step until all rows end."""
+  def _prefill_and_decode(self, state, input_ids, attention_mask, pixel_values, prior_features,
+                          active, key, temperature, top_p, eos_ids, stop_seqs, pad_id, *,
+                          max_new_tokens: int, cache_len: int, do_sample: bool,
+                          return_logits: bool):
+    """Jitted, on a packed batch: the prefill, the first token, then one token per step until
+    every row has ended or the cache of `cache_len` slots is full.
+
+    Returns (carry, cache, fixed): the loop's state, the KV cache, and the per-call constants
+    the later stages (`_grow_and_decode`) take.
+    """
     self.num_traces += 1  # runs only while tracing
     model = nnx.merge(self._graphdef, state)
     lm = model.language_model
     rows, width = input_ids.shape
-    steps = max_new_tokens
 
     embeds = model.embed_inputs(input_ids, pixel_values, prior_features)
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1, 0)
-    # The last generated token is never fed back, so the cache needs width + steps - 1 slots.
-    cache = model.init_cache(rows, width + steps - 1, per_layer=self.unstack_layers)
+    cache = model.init_cache(rows, cache_len, per_layer=self.unstack_layers)
     # Prefill all but the last prompt token; their logits are unused, so XLA drops the LM head
     # over the whole prompt and only the last token's [B, 1, V] logits are computed.
     _, cache = lm(embeds[:, :-1], attention_mask=attention_mask[:, :-1],
                   positions=positions[:, :-1], cache=cache)
     logits, cache = lm(embeds[:, -1:], attention_mask=attention_mask[:, -1:],
                        positions=positions[:, -1:], cache=cache)
-    first_new_position = positions[:, -1] + 1  # [B]
-    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(rows))
-
-    def choose(carry, step, logits):
-      """Picks token `step` from `logits` [B, V] and marks the rows that end with it."""
-      step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-      token = select_tokens(logits, step_keys, temperature, top_p, do_sample)
-      finished = carry["finished"]
-      token = jnp.where(finished, pad_id, token)
-      window = jnp.concatenate([carry["window"][:, 1:], token[:, None]], axis=1)
-      marker = jnp.zeros((rows,), jnp.int32)
-      if stop_seqs.shape[0]:
-        match = ((window[:, None, :] == stop_seqs[None]) | (stop_seqs[None] == _ANY_TOKEN))
-        seq_lengths = (stop_seqs != _ANY_TOKEN).sum(axis=-1)
-        marker = jnp.where(match.all(axis=-1), seq_lengths[None], 0).max(axis=-1)
-      is_eos = (token[:, None] == eos_ids[None]).any(axis=-1)
-      marker = jnp.where(is_eos, jnp.maximum(marker, 1), marker)
-      ends = ~finished & (marker > 0)
-      new = dict(carry)
-      new["tokens"] = carry["tokens"].at[:, step].set(token)
-      new["window"] = window
-      new["lengths"] = jnp.where(ends, step + 1, carry["lengths"])
-      new["content_lengths"] = jnp.where(ends, step + 1 - marker, carry["content_lengths"])
-      new["finished"] = finished | ends
-      if return_logits:
-        new["logits"] = carry["logits"].at[:, step].set(logits)
-      return new
-
+    fixed = dict(
+        row_keys=jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(rows)),
+        first_new_position=positions[:, -1] + 1, temperature=temperature, top_p=top_p,
+        eos_ids=eos_ids, stop_seqs=stop_seqs, pad_id=pad_id)
     carry = dict(
-        tokens=jnp.full((rows, steps), pad_id, jnp.int32),
+        tokens=jnp.full((rows, max_new_tokens), pad_id, jnp.int32),
         window=jnp.full((rows, stop_seqs.shape[1]), _NO_TOKEN, jnp.int32),
-        lengths=jnp.full((rows,), steps, jnp.int32),
-        content_lengths=jnp.full((rows,), steps, jnp.int32),
+        lengths=jnp.full((rows,), max_new_tokens, jnp.int32),
+        content_lengths=jnp.full((rows,), max_new_tokens, jnp.int32),
         finished=~active,
     )
     if return_logits:
-      carry["logits"] = jnp.zeros((rows, steps, logits.shape[-1]), jnp.float32)
-    carry = choose(carry, 0, logits[:, -1])
+      carry["logits"] = jnp.zeros((rows, max_new_tokens, logits.shape[-1]), jnp.float32)
+    carry = _choose(carry, fixed, 0, logits[:, -1], do_sample)
     carry["step"] = jnp.ones((), jnp.int32)
-    carry["cache"] = cache
+    return (*_decode_steps(lm, carry, cache, fixed, do_sample), fixed)
 
-    def cond(carry):
-      return (carry["step"] < steps) & ~carry["finished"].all()
+  def _grow_and_decode(self, state, carry, cache, fixed, *, max_new_tokens: int, cache_len: int,
+                       do_sample: bool, return_logits: bool):
+    """Jitted: the cache grown to `cache_len` slots, then decoding on until every row has ended
+    or the cache is full again. Returns (carry, cache)."""
+    del max_new_tokens, return_logits  # static: part of the carry's shapes
+    self.num_traces += 1
+    lm = nnx.merge(self._graphdef, state).language_model
+    return _decode_steps(lm, carry, cache.grow(cache_len), fixed, do_sample)
 
-    def body(carry):
-      step = carry["step"]
-      previous = jax.lax.dynamic_index_in_dim(carry["tokens"], step - 1, axis=1)  # [B, 1]
-      logits, cache = lm(lm.embed(previous), attention_mask=jnp.ones((rows, 1), bool),
-                         positions=(first_new_position + step - 1)[:, None],
-                         cache=carry["cache"])
-      carry = choose(carry, step, logits[:, -1])
-      carry["cache"] = cache
-      carry["step"] = step + 1
-      return carry
 
-    carry = jax.lax.while_loop(cond, body, carry)
-    keys = ("tokens", "lengths", "content_lengths", "finished") + (
-        ("logits",) if return_logits else ())
-    return {k: carry[k] for k in keys}
+def _choose(carry, fixed, step, logits, do_sample):
+  """Picks token `step` from `logits` [B, V] and marks the rows that end with it."""
+  rows = logits.shape[0]
+  stop_seqs = fixed["stop_seqs"]
+  step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(fixed["row_keys"], step)
+  token = select_tokens(logits, step_keys, fixed["temperature"], fixed["top_p"], do_sample)
+  finished = carry["finished"]
+  token = jnp.where(finished, fixed["pad_id"], token)
+  window = jnp.concatenate([carry["window"][:, 1:], token[:, None]], axis=1)
+  marker = jnp.zeros((rows,), jnp.int32)
+  if stop_seqs.shape[0]:
+    match = ((window[:, None, :] == stop_seqs[None]) | (stop_seqs[None] == _ANY_TOKEN))
+    seq_lengths = (stop_seqs != _ANY_TOKEN).sum(axis=-1)
+    marker = jnp.where(match.all(axis=-1), seq_lengths[None], 0).max(axis=-1)
+  is_eos = (token[:, None] == fixed["eos_ids"][None]).any(axis=-1)
+  marker = jnp.where(is_eos, jnp.maximum(marker, 1), marker)
+  ends = ~finished & (marker > 0)
+  new = dict(carry)
+  new["tokens"] = carry["tokens"].at[:, step].set(token)
+  new["window"] = window
+  new["lengths"] = jnp.where(ends, step + 1, carry["lengths"])
+  new["content_lengths"] = jnp.where(ends, step + 1 - marker, carry["content_lengths"])
+  new["finished"] = finished | ends
+  if "logits" in carry:
+    new["logits"] = carry["logits"].at[:, step].set(logits)
+  return new
+
+
+def _decode_steps(lm, carry, cache, fixed, do_sample):
+  """One token per step (`jax.lax.while_loop`) until every row has ended, `max_new_tokens` are
+  chosen, or `cache` has no free slot. Returns (carry, cache)."""
+  rows, steps = carry["tokens"].shape
+  slots = cache.max_len
+
+  def cond(state):
+    carry, cache = state
+    return (carry["step"] < steps) & (cache.index < slots) & ~carry["finished"].all()
+
+  def body(state):
+    carry, cache = state
+    step = carry["step"]
+    previous = jax.lax.dynamic_index_in_dim(carry["tokens"], step - 1, axis=1)  # [B, 1]
+    logits, cache = lm(lm.embed(previous), attention_mask=jnp.ones((rows, 1), bool),
+                       positions=(fixed["first_new_position"] + step - 1)[:, None], cache=cache)
+    carry = _choose(carry, fixed, step, logits[:, -1], do_sample)
+    carry["step"] = step + 1
+    return carry, cache
+
+  return jax.lax.while_loop(cond, body, (carry, cache))
 
 
 # One compiled Generator per live model, for the functional entry point below.

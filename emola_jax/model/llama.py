@@ -55,6 +55,19 @@ class KVCache:
   def per_layer(self) -> bool:
     return isinstance(self.k, tuple)
 
+  @property
+  def max_len(self) -> int:
+    return self.valid.shape[1]
+
+  def grow(self, max_len: int) -> KVCache:
+    """This cache with `max_len` slots: the new slots are empty (zero, not valid)."""
+    extra = max_len - self.max_len
+    if extra < 0:
+      raise ValueError(f"KVCache.grow: {max_len} slots < the {self.max_len} it has")
+    pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, extra), (0, 0)])
+    k, v = ((tuple(map(pad, x)) if self.per_layer else pad(x)) for x in (self.k, self.v))
+    return KVCache(k, v, jnp.pad(self.valid, [(0, 0), (0, extra)]), self.index)
+
 
 def write_cache(cache: jax.Array, new: jax.Array, layer: int | jax.Array | None,
                 index: jax.Array) -> tuple[jax.Array, jax.Array]:
