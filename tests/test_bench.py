@@ -136,3 +136,20 @@ def test_bench_decode_times_each_weight_layout_against_transformers():
                         "--layouts=sideways", "--layers=1", "--width=64", "--vocab=500"],
                        cwd=REPO, capture_output=True, text=True, check=False)
   assert bad.returncode != 0 and "unknown ['sideways']" in bad.stderr
+
+
+def test_bench_decode_budget_above_new_tokens_ends_rows_alike_on_both_sides(tmp_path):
+  from emola_jax.conversion.hf_load import load_pretrained
+  from emola_jax.evaluation import bench_decode
+  from emola_jax.evaluation.generate import Generator
+
+  hf = bench_decode.build_hf_model(1, 64, 500, 28, 0)
+  hf.save_pretrained(tmp_path)
+  model, _ = load_pretrained(str(tmp_path))
+  for cache_growth in (2.0, None):
+    entry = bench_decode.compare(Generator(model, cache_growth=cache_growth), hf, batch=2,
+                                 prompt_len=24, new_tokens=6, image_size=28, repeats=1, seed=0,
+                                 max_new_tokens=40)
+    # Each row stops at its own 4-gram: after 6 tokens, or earlier if the 4-gram came sooner.
+    assert entry["max_new_tokens"] == 40 and 2 * 4 <= entry["generated_tokens"] <= 2 * 6
+    assert entry["same_tokens"] == 1.0

@@ -10,6 +10,8 @@ timed apart and not counted. EOS is disabled on both sides, so every row generat
   python -m emola_jax.evaluation.bench_decode [--batch_sizes=1,8] [--new_tokens=64] ...
   python -m emola_jax.evaluation.bench_decode --width=1024 --image_size=56 --threads=0 \
       --layouts=stacked,unstacked,transposed      # the Generator's weight layouts side by side
+  python -m emola_jax.evaluation.bench_decode --width=1024 --image_size=56 --threads=0 \
+      --max_new_tokens=2048 --layouts=default,full_cache   # rows end after 64 of a 2048 budget
 
 Needs torch (the `torch` extra).
 """
@@ -31,6 +33,10 @@ from emola_jax.evaluation.generate import Generator
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to time.")
 flags.DEFINE_integer("new_tokens", 64, "Tokens generated per row.")
+flags.DEFINE_integer("max_new_tokens", 0, "Budget of new tokens per row given to both sides; "
+                     "above --new_tokens, rows end by a stop sequence after ~--new_tokens (as "
+                     "answers end by EOS under the reference protocol's budget of 2048). 0: "
+                     "--new_tokens.")
 flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per row (BOS + image slots + text).")
 flags.DEFINE_integer("repeats", 5, "Timed calls per side and batch size (after one warm-up).")
 flags.DEFINE_integer("layers", 4, "LLaMA decoder layers.")
@@ -38,9 +44,10 @@ flags.DEFINE_integer("width", 512, "LLaMA hidden size.")
 flags.DEFINE_integer("vocab", 32000, "Vocabulary size (LLaMA-2's by default).")
 flags.DEFINE_integer("image_size", 56, "CLIP image size; patch 14, so (size / 14)^2 image slots.")
 flags.DEFINE_integer("seed", 0, "Seed of the random weights and prompts.")
-flags.DEFINE_list("layouts", ["default"], "Generator weight layouts to time, each against "
+flags.DEFINE_list("layouts", ["default"], "Generator layouts to time, each against "
                   "transformers in this process: default (the Generator's own choice), stacked "
-                  "(unstack_layers=False), unstacked (transpose_kernels=False), transposed.")
+                  "(unstack_layers=False), unstacked (transpose_kernels=False), transposed, "
+                  "full_cache (cache_growth=None: a KV cache for the whole budget up front).")
 flags.DEFINE_integer(
     "threads", 1, "CPU threads per framework (torch intra-op threads, XLA CPU intra-op "
     "threads); 0 keeps both frameworks' defaults. One thread each is the fair setting on a "
@@ -48,7 +55,8 @@ flags.DEFINE_integer(
 
 PATCH = 14
 LAYOUTS = {"default": {}, "stacked": {"unstack_layers": False},
-           "unstacked": {"transpose_kernels": False}, "transposed": {"transpose_kernels": True}}
+           "unstacked": {"transpose_kernels": False}, "transposed": {"transpose_kernels": True},
+           "full_cache": {"cache_growth": None}}
 
 
 def build_hf_model(layers: int, width: int, vocab: int, image_size: int, seed: int):
@@ -109,42 +117,70 @@ def set_threads(threads: int) -> None:
 
 
 def compare(generator: Generator, hf, *, batch: int, prompt_len: int, new_tokens: int,
-            image_size: int, repeats: int, seed: int) -> dict:
+            image_size: int, repeats: int, seed: int, max_new_tokens: int | None = None) -> dict:
   """Times `generator` (ours) against `hf.generate` on the same prompts, interleaved.
 
-  Returns tokens/s (median), every timed call, the first calls (compilation for ours) and the
-  share of identical generated tokens.
+  Every row generates `new_tokens` tokens. With a larger `max_new_tokens` (the reference
+  protocol allows 2048 while answers end by EOS after a few hundred), both sides get that budget
+  and each row ends by a stop sequence instead: its last four tokens of a first greedy run of
+  `new_tokens` (ours: `stop_token_sequences`; `transformers`: a `StoppingCriteria`), so the two
+  still generate the same tokens.
+
+  Returns tokens/s (generated tokens / wall time of a whole call, median), every timed call,
+  the first calls (compilation for ours) and the share of identical generated tokens.
   """
   import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
 
   vocab = hf.config.text_config.vocab_size
   ids, mask, pixels = make_prompts(batch, prompt_len, vocab, image_size, seed)
+  budget = max(max_new_tokens or new_tokens, new_tokens)
+  stops = []
+  if budget > new_tokens:
+    free = generator(ids, mask, pixels, max_new_tokens=new_tokens, eos_id=None, pad_id=0)
+    stops = [row[-4:].tolist() for row in free.tokens]
+
+  class EndsWithStop(transformers.StoppingCriteria):
+    def __call__(self, input_ids, scores, **kwargs):
+      del scores, kwargs
+      done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+      for stop in stops:
+        done |= (input_ids[:, -len(stop):] == torch.tensor(stop)).all(dim=-1)
+      return done
 
   def ours():
-    return generator(ids, mask, pixels, max_new_tokens=new_tokens, eos_id=None, pad_id=0).tokens
+    return generator(ids, mask, pixels, max_new_tokens=budget, eos_id=None, pad_id=0,
+                     stop_token_sequences=stops)
 
   def theirs():
     with torch.no_grad():
       out = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                         pixel_values=torch.from_numpy(pixels), do_sample=False,
-                        max_new_tokens=new_tokens, pad_token_id=0)
+                        max_new_tokens=budget, pad_token_id=0,
+                        stopping_criteria=transformers.StoppingCriteriaList(
+                            [EndsWithStop()] if stops else []))
     return out[:, ids.shape[1]:].numpy()
 
-  warm_ours, tokens_ours = timed(ours)
+  warm_ours, out_ours = timed(ours)
   warm_theirs, tokens_theirs = timed(theirs)
-  if tokens_ours.shape != (batch, new_tokens) or tokens_theirs.shape != (batch, new_tokens):
+  lengths = out_ours.lengths
+  if not stops and (out_ours.tokens.shape != (batch, new_tokens)
+                    or tokens_theirs.shape != (batch, new_tokens)):
     raise RuntimeError(f"bench_decode: expected {new_tokens} new tokens per row, got "
-                       f"{tokens_ours.shape} (ours) and {tokens_theirs.shape} (transformers)")
+                       f"{out_ours.tokens.shape} (ours) and {tokens_theirs.shape} (transformers)")
+  same = [np.mean(out_ours.tokens[b, :n] == tokens_theirs[b, :n]) if tokens_theirs.shape[1] >= n
+          else 0.0 for b, n in enumerate(lengths)]
   t_ours, t_theirs = [], []
   for _ in range(repeats):
     t_ours.append(timed(ours)[0])
     t_theirs.append(timed(theirs)[0])
-  tokens = batch * new_tokens
-  entry = {"batch": batch, "ours_tokens_per_second": tokens / statistics.median(t_ours),
+  tokens = int(lengths.sum())
+  entry = {"batch": batch, "max_new_tokens": budget, "generated_tokens": tokens,
+           "ours_tokens_per_second": tokens / statistics.median(t_ours),
            "transformers_tokens_per_second": tokens / statistics.median(t_theirs),
            "ours_seconds": t_ours, "transformers_seconds": t_theirs,
            "ours_first_call_seconds": warm_ours, "transformers_first_call_seconds": warm_theirs,
-           "same_tokens": float((tokens_ours == tokens_theirs).mean())}
+           "same_tokens": float(np.mean(same))}
   entry["speedup"] = entry["ours_tokens_per_second"] / entry["transformers_tokens_per_second"]
   return entry
 
@@ -165,13 +201,15 @@ def main(argv):
     for batch in map(int, FLAGS.batch_sizes):
       rows.append(dict(compare(generator, hf, batch=batch, prompt_len=FLAGS.prompt_len,
                                new_tokens=FLAGS.new_tokens, image_size=FLAGS.image_size,
-                               repeats=FLAGS.repeats, seed=FLAGS.seed + batch), layout=layout))
+                               repeats=FLAGS.repeats, seed=FLAGS.seed + batch,
+                               max_new_tokens=FLAGS.max_new_tokens), layout=layout))
 
   print(f"\nGreedy decoding, fp32, {jax.devices()[0].platform.upper()} "
         f"({os.cpu_count()} cores visible, threads per framework: "
         f"{FLAGS.threads or 'default'}); LLaMA {FLAGS.layers} layers x {FLAGS.width}, vocab "
         f"{FLAGS.vocab}, CLIP 2 x 64 at {FLAGS.image_size}px; prompt {FLAGS.prompt_len} tokens, "
-        f"{FLAGS.new_tokens} new tokens; median of {FLAGS.repeats} interleaved calls.\n")
+        f"{FLAGS.new_tokens} new tokens (budget {max(FLAGS.max_new_tokens, FLAGS.new_tokens)}); "
+        f"median of {FLAGS.repeats} interleaved calls.\n")
   print("| layout | batch | emola-jax tok/s | transformers tok/s | speed-up | emola-jax first "
         "call s (compile) | transformers first call s | same tokens |")
   print("|---|---|---|---|---|---|---|---|")
