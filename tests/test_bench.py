@@ -132,6 +132,15 @@ def test_bench_decode_times_each_weight_layout_against_transformers():
   rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "%" in line]
   assert [row.split("|")[1].strip() for row in rows] == ["stacked", "unstacked", "transposed"]
   assert all(row.rstrip().endswith("100.0% |") for row in rows)  # greedy: identical tokens
+  # A LoRA-tuned model: ours with adapters (merged in the decoding copy, or not), transformers
+  # with them merged into its weights; the same greedy tokens.
+  proc = _run([sys.executable, "-m", "emola_jax.evaluation.bench_decode", "--width=64",
+               "--layers=1", "--vocab=500", "--new_tokens=4", "--repeats=1", "--prompt_len=24",
+               "--image_size=28", "--batch_sizes=2", "--lora_rank=4",
+               "--layouts=default,unmerged"])
+  rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "%" in line]
+  assert [row.split("|")[1].strip() for row in rows] == ["default", "unmerged"]
+  assert all(row.rstrip().endswith("100.0% |") for row in rows) and "LoRA rank 4" in proc.stdout
   bad = subprocess.run([sys.executable, "-m", "emola_jax.evaluation.bench_decode",
                         "--layouts=sideways", "--layers=1", "--width=64", "--vocab=500"],
                        cwd=REPO, capture_output=True, text=True, check=False)

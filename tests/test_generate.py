@@ -97,8 +97,10 @@ def test_every_decoding_layout_equals_transformers(hf_dir, ours, prompts, option
 
 
 def test_transposed_kernels_need_unstacked_layers(ours):
-  with pytest.raises(ValueError, match="needs unstack_layers=True"):
+  with pytest.raises(ValueError, match="transpose_kernels=True needs unstack_layers=True"):
     gen_lib.Generator(ours, unstack_layers=False, transpose_kernels=True)
+  with pytest.raises(ValueError, match="merge_lora=True needs unstack_layers=True"):
+    gen_lib.Generator(ours, unstack_layers=False, merge_lora=True)
 
 
 def test_greedy_equals_transformers_when_eos_fires(hf_dir, ours, prompts):

@@ -58,12 +58,29 @@ def test_decoding_copy_computes_the_same_logits(tie):
     ids = jnp.asarray(rng.integers(0, 50, size=(2, rows)))
     ref = np.asarray(lm(lm.embed(ids))[0])
     for transpose in (False, True):
-      copy = lm.for_decoding(transpose_kernels=transpose)
-      assert all(m.transposed == transpose for _, m in nnx.iter_modules(copy)
-                 if isinstance(m, Linear))
-      np.testing.assert_allclose(np.asarray(copy(copy.embed(ids))[0]), ref, rtol=1e-5,
-                                 atol=1e-5)
-  assert not any(m.transposed for _, m in nnx.iter_modules(lm) if isinstance(m, Linear))
+      for merge in (False, True):
+        copy = lm.for_decoding(transpose_kernels=transpose, merge_lora=merge)
+        linears = [m for _, m in nnx.iter_modules(copy) if isinstance(m, Linear)]
+        assert all(m.transposed == transpose for m in linears)
+        assert all((m.lora_a is None) == merge for m in linears)
+        np.testing.assert_allclose(np.asarray(copy(copy.embed(ids))[0]), ref, rtol=1e-5,
+                                   atol=1e-5)
+  linears = [m for _, m in nnx.iter_modules(lm) if isinstance(m, Linear)]
+  assert not any(m.transposed or m.lora_a is None for m in linears)  # the original is untouched
+
+
+def test_merged_lora_kernel_is_w_plus_scaled_ab():
+  linear = Linear(3, 2, ("embed", "mlp"), use_bias=False, lora_rank=2, lora_alpha=4.0,
+                  rngs=nnx.Rngs(0))
+  w = np.arange(6, dtype=np.float32).reshape(3, 2)
+  a = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
+  b = np.array([[1, 2], [3, 4]], np.float32)
+  linear.kernel[...], linear.lora_a[...], linear.lora_b[...] = w, a, b
+  linear.transpose_kernel()
+  linear.merge_lora()
+  # scale = alpha / rank = 2; A @ B = [[1, 2], [3, 4], [4, 6]]; stored [out, in].
+  np.testing.assert_array_equal(linear.kernel[...], (w + 2 * np.array([[1, 2], [3, 4], [4, 6]])).T)
+  assert linear.lora_a is None and linear.lora_b is None
 
 
 def test_cache_layout_must_match_the_decoder():

@@ -12,6 +12,8 @@ timed apart and not counted. EOS is disabled on both sides, so every row generat
       --layouts=stacked,unstacked,transposed      # the Generator's weight layouts side by side
   python -m emola_jax.evaluation.bench_decode --width=1024 --image_size=56 --threads=0 \
       --max_new_tokens=2048 --layouts=default,full_cache   # rows end after 64 of a 2048 budget
+  python -m emola_jax.evaluation.bench_decode --width=1024 --image_size=56 --threads=0 \
+      --lora_rank=128 --layouts=default,unmerged       # a LoRA-tuned model, adapters merged or not
 
 Needs torch (the `torch` extra).
 """
@@ -26,9 +28,12 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
+from flax import nnx
 
 from emola_jax.conversion.hf_load import load_pretrained
+from emola_jax.conversion.to_hf import export_model
 from emola_jax.evaluation.generate import Generator
+from emola_jax.model.layers import Linear
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to time.")
@@ -47,7 +52,11 @@ flags.DEFINE_integer("seed", 0, "Seed of the random weights and prompts.")
 flags.DEFINE_list("layouts", ["default"], "Generator layouts to time, each against "
                   "transformers in this process: default (the Generator's own choice), stacked "
                   "(unstack_layers=False), unstacked (transpose_kernels=False), transposed, "
-                  "full_cache (cache_growth=None: a KV cache for the whole budget up front).")
+                  "full_cache (cache_growth=None: a KV cache for the whole budget up front), "
+                  "unmerged (merge_lora=False: LoRA adapters run as three matmuls).")
+flags.DEFINE_integer("lora_rank", 0, "Give our model LoRA adapters of this rank on every "
+                     "decoder projection (as a LoRA-tuned EmoLA is evaluated); transformers gets "
+                     "the same weights merged. 0: none.")
 flags.DEFINE_integer(
     "threads", 1, "CPU threads per framework (torch intra-op threads, XLA CPU intra-op "
     "threads); 0 keeps both frameworks' defaults. One thread each is the fair setting on a "
@@ -56,7 +65,7 @@ flags.DEFINE_integer(
 PATCH = 14
 LAYOUTS = {"default": {}, "stacked": {"unstack_layers": False},
            "unstacked": {"transpose_kernels": False}, "transposed": {"transpose_kernels": True},
-           "full_cache": {"cache_growth": None}}
+           "full_cache": {"cache_growth": None}, "unmerged": {"merge_lora": False}}
 
 
 def build_hf_model(layers: int, width: int, vocab: int, image_size: int, seed: int):
@@ -185,6 +194,25 @@ def compare(generator: Generator, hf, *, batch: int, prompt_len: int, new_tokens
   return entry
 
 
+def with_random_adapters(hf_dir: str, rank: int, seed: int):
+  """Ours from `hf_dir` with rank-`rank` LoRA adapters (alpha 2 x rank, random non-zero B) on
+  every decoder projection, and `transformers` with the same function as one LLaVA, the
+  adapters merged (exported by `to_hf`): the fastest form the PyTorch side can take."""
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  model, _ = load_pretrained(hf_dir, lora={"rank": rank, "alpha": 2.0 * rank})
+  rng = np.random.default_rng(seed)
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, Linear) and module.lora_b is not None:
+      module.lora_b[...] = rng.normal(0.0, 0.01, module.lora_b.shape).astype(np.float32)
+  merged_dir = os.path.join(hf_dir, "merged")
+  os.makedirs(merged_dir)
+  export_model(model, merged_dir)
+  hf = transformers.LlavaForConditionalGeneration.from_pretrained(merged_dir).eval()
+  hf.generation_config.eos_token_id = None
+  return model, hf
+
+
 def main(argv):
   del argv
   unknown = set(FLAGS.layouts) - set(LAYOUTS)
@@ -194,7 +222,10 @@ def main(argv):
   hf = build_hf_model(FLAGS.layers, FLAGS.width, FLAGS.vocab, FLAGS.image_size, FLAGS.seed)
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp)
-    model, _ = load_pretrained(tmp)
+    if not FLAGS.lora_rank:
+      model, _ = load_pretrained(tmp)
+    else:
+      model, hf = with_random_adapters(tmp, FLAGS.lora_rank, FLAGS.seed)
   rows = []
   for layout in FLAGS.layouts:
     generator = Generator(model, **LAYOUTS[layout])
@@ -207,7 +238,8 @@ def main(argv):
   print(f"\nGreedy decoding, fp32, {jax.devices()[0].platform.upper()} "
         f"({os.cpu_count()} cores visible, threads per framework: "
         f"{FLAGS.threads or 'default'}); LLaMA {FLAGS.layers} layers x {FLAGS.width}, vocab "
-        f"{FLAGS.vocab}, CLIP 2 x 64 at {FLAGS.image_size}px; prompt {FLAGS.prompt_len} tokens, "
+        f"{FLAGS.vocab}{f', LoRA rank {FLAGS.lora_rank}' if FLAGS.lora_rank else ''}, CLIP 2 x "
+        f"64 at {FLAGS.image_size}px; prompt {FLAGS.prompt_len} tokens, "
         f"{FLAGS.new_tokens} new tokens (budget {max(FLAGS.max_new_tokens, FLAGS.new_tokens)}); "
         f"median of {FLAGS.repeats} interleaved calls.\n")
   print("| layout | batch | emola-jax tok/s | transformers tok/s | speed-up | emola-jax first "

@@ -162,22 +162,27 @@ class LlamaForCausalLM(nnx.Module):
     self.scan_layers = scan_layers
     self.remat_policy = remat_policy
 
-  def for_decoding(self, *, transpose_kernels: bool) -> LlamaForCausalLM:
+  def for_decoding(self, *, transpose_kernels: bool,
+                   merge_lora: bool = False) -> LlamaForCausalLM:
     """A copy of this decoder laid out for a token-by-token loop (`Generator` keeps one).
 
     The blocks' weights are sliced out of the stack (`stack.unstack`: one copy of them), so the
-    loop reads them in place instead of slicing them on every step. With `transpose_kernels`,
-    every kernel and the LM head are also stored [out, in], for `layers.dense`'s weights-first
-    product on few rows (faster on XLA:CPU; measured in BENCHMARKS.md). Same function, for
-    inference only.
+    loop reads them in place instead of slicing them on every step. With `merge_lora`, LoRA
+    adapters are folded into their kernels (`Linear.merge_lora`): a step runs one matmul per
+    projection instead of three. With `transpose_kernels`, every kernel and the LM head are also
+    stored [out, in], for `layers.dense`'s weights-first product on few rows (faster on
+    XLA:CPU; measured in BENCHMARKS.md). Same function up to rounding, for inference only.
     """
     clone = nnx.merge(*nnx.split(self))
     clone.blocks = nnx.List(unstack(self.blocks, self.cfg.num_layers))
-    if transpose_kernels:
-      for block in clone.blocks:
-        for _, module in nnx.iter_modules(block):
-          if isinstance(module, Linear):
+    for block in clone.blocks:
+      for _, module in nnx.iter_modules(block):
+        if isinstance(module, Linear):
+          if merge_lora:
+            module.merge_lora()
+          if transpose_kernels:
             module.transpose_kernel()
+    if transpose_kernels:
       if clone.lm_head is not None:
         clone.lm_head = clone.lm_head.replace(clone.lm_head[...].T,
                                               out_sharding=("vocab", "embed"))
