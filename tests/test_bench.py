@@ -159,6 +159,10 @@ def test_bench_decode_budget_above_new_tokens_ends_rows_alike_on_both_sides(tmp_
     entry = bench_decode.compare(Generator(model, cache_growth=cache_growth), hf, batch=2,
                                  prompt_len=24, new_tokens=6, image_size=28, repeats=1, seed=0,
                                  max_new_tokens=40)
-    # Each row stops at its own 4-gram: after 6 tokens, or earlier if the 4-gram came sooner.
+    # Each row stops at its own 4-gram: after 6 tokens, or earlier if the 4-gram came sooner
+    # (transformers stopping elsewhere raises).
     assert entry["max_new_tokens"] == 40 and 2 * 4 <= entry["generated_tokens"] <= 2 * 6
     assert entry["same_tokens"] == 1.0
+  with pytest.raises(ValueError, match="new_tokens=3 is too few"):
+    bench_decode.compare(Generator(model), hf, batch=2, prompt_len=24, new_tokens=3,
+                         image_size=28, repeats=1, seed=0, max_new_tokens=40)

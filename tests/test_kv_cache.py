@@ -119,3 +119,15 @@ def test_grown_cache_keeps_its_slots_and_adds_empty_ones(per_layer):
     assert not np.asarray(new[..., 3:, :]).any()
   with pytest.raises(ValueError, match="2 slots < the 3"):
     cache.grow(2)
+
+
+def test_merge_keeps_precision_only_with_kernels_and_compute_as_wide_as_the_adapter():
+  make = lambda **kw: Linear(4, 4, ("embed", "mlp"), lora_rank=2, lora_alpha=2.0,
+                             rngs=nnx.Rngs(0), **kw)
+  assert make().merge_keeps_precision
+  assert not make(dtype=jnp.bfloat16).merge_keeps_precision  # bf16 compute
+  linear = make()
+  linear.kernel = linear.kernel.replace(linear.kernel[...].astype(jnp.bfloat16))
+  assert not linear.merge_keeps_precision  # bf16 kernel, fp32 adapter
+  assert make(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16).merge_keeps_precision
+  assert Linear(4, 4, ("embed", "mlp"), rngs=nnx.Rngs(0)).merge_keeps_precision  # no adapter

@@ -2,10 +2,11 @@
 
 Both run the same random LLaVA (built with `transformers`, saved, and loaded into our model), on
 the same prompts, in the same process, interleaved (ours, theirs, ours, theirs, ...) so that drift
-in machine load hits both alike. Tokens/s = batch x new tokens / wall time of one whole call
+in machine load hits both alike. Tokens/s = generated tokens / wall time of one whole call
 (prefill included), median over the repeats; the first call of each (compilation for ours) is
 timed apart and not counted. EOS is disabled on both sides, so every row generates exactly
-`--new_tokens` tokens.
+`--new_tokens` tokens; with a larger `--max_new_tokens` budget, each row ends instead by a stop
+sequence, after `--new_tokens` tokens or earlier, the same on both sides (see `compare`).
 
   python -m emola_jax.evaluation.bench_decode [--batch_sizes=1,8] [--new_tokens=64] ...
   python -m emola_jax.evaluation.bench_decode --width=1024 --image_size=56 --threads=0 \
@@ -63,6 +64,7 @@ flags.DEFINE_integer(
     "shared machine: an oversubscribed torch thread pool slows down several-fold.")
 
 PATCH = 14
+STOP_LENGTH = 4  # tokens of the stop sequence that ends a row under a budget (`compare`)
 LAYOUTS = {"default": {}, "stacked": {"unstack_layers": False},
            "unstacked": {"transpose_kernels": False}, "transposed": {"transpose_kernels": True},
            "full_cache": {"cache_growth": None}, "unmerged": {"merge_lora": False}}
@@ -146,16 +148,23 @@ def compare(generator: Generator, hf, *, batch: int, prompt_len: int, new_tokens
   budget = max(max_new_tokens or new_tokens, new_tokens)
   stops = []
   if budget > new_tokens:
+    if new_tokens < STOP_LENGTH:
+      raise ValueError(f"bench_decode: a budget above new_tokens ends rows by their last "
+                       f"{STOP_LENGTH} tokens; new_tokens={new_tokens} is too few")
     free = generator(ids, mask, pixels, max_new_tokens=new_tokens, eos_id=None, pad_id=0)
-    stops = [row[-4:].tolist() for row in free.tokens]
+    stops = [row[-STOP_LENGTH:].tolist() for row in free.tokens]
+  stops_torch = torch.tensor(stops).reshape(len(stops), STOP_LENGTH)
 
   class EndsWithStop(transformers.StoppingCriteria):
+    """Ends a row whose last generated tokens are one of `stops` (prompt tokens never count,
+    as in our window)."""
+
     def __call__(self, input_ids, scores, **kwargs):
       del scores, kwargs
-      done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-      for stop in stops:
-        done |= (input_ids[:, -len(stop):] == torch.tensor(stop)).all(dim=-1)
-      return done
+      if input_ids.shape[1] - ids.shape[1] < STOP_LENGTH:
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+      last = input_ids[:, None, -STOP_LENGTH:]
+      return (last == stops_torch.to(input_ids.device)[None]).all(dim=-1).any(dim=-1)
 
   def ours():
     return generator(ids, mask, pixels, max_new_tokens=budget, eos_id=None, pad_id=0,
@@ -177,6 +186,10 @@ def compare(generator: Generator, hf, *, batch: int, prompt_len: int, new_tokens
                     or tokens_theirs.shape != (batch, new_tokens)):
     raise RuntimeError(f"bench_decode: expected {new_tokens} new tokens per row, got "
                        f"{out_ours.tokens.shape} (ours) and {tokens_theirs.shape} (transformers)")
+  if stops and tokens_theirs.shape[1] != lengths.max():
+    raise RuntimeError(f"bench_decode: transformers generated {tokens_theirs.shape[1]} tokens "
+                       f"per row, ours stopped every row by {lengths.max()}: the stop "
+                       "sequences did not end its rows alike")
   same = [np.mean(out_ours.tokens[b, :n] == tokens_theirs[b, :n]) if tokens_theirs.shape[1] >= n
           else 0.0 for b, n in enumerate(lengths)]
   t_ours, t_theirs = [], []
@@ -235,13 +248,14 @@ def main(argv):
                                repeats=FLAGS.repeats, seed=FLAGS.seed + batch,
                                max_new_tokens=FLAGS.max_new_tokens), layout=layout))
 
+  budget = (f" (budget {rows[0]['max_new_tokens']}: rows end by a stop sequence after that "
+            "many or fewer)" if FLAGS.max_new_tokens > FLAGS.new_tokens else "")
   print(f"\nGreedy decoding, fp32, {jax.devices()[0].platform.upper()} "
         f"({os.cpu_count()} cores visible, threads per framework: "
         f"{FLAGS.threads or 'default'}); LLaMA {FLAGS.layers} layers x {FLAGS.width}, vocab "
         f"{FLAGS.vocab}{f', LoRA rank {FLAGS.lora_rank}' if FLAGS.lora_rank else ''}, CLIP 2 x "
         f"64 at {FLAGS.image_size}px; prompt {FLAGS.prompt_len} tokens, "
-        f"{FLAGS.new_tokens} new tokens (budget {max(FLAGS.max_new_tokens, FLAGS.new_tokens)}); "
-        f"median of {FLAGS.repeats} interleaved calls.\n")
+        f"{FLAGS.new_tokens} new tokens{budget}; median of {FLAGS.repeats} interleaved calls.\n")
   print("| layout | batch | emola-jax tok/s | transformers tok/s | speed-up | emola-jax first "
         "call s (compile) | transformers first call s | same tokens |")
   print("|---|---|---|---|---|---|---|---|")

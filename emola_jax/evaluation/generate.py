@@ -1,4 +1,4 @@
-"""Batched generation for `EmolaModel`: prefill plus KV-cache decoding in one jitted loop.
+"""Batched generation for `EmolaModel`: prefill plus KV-cache decoding in jitted loops.
 
 Prompts of different lengths are packed to the LEFT inside a (batch, length) bucket, so every row's
 last prompt token sits in the same column and each decode step writes one shared cache slot.
@@ -37,6 +37,7 @@ from flax import nnx
 
 from emola_jax.evaluation.sampling import select_tokens
 from emola_jax.model.emola import EmolaModel, check_image_slots
+from emola_jax.model.layers import Linear
 
 PADDING_SIDES = ("left", "right")
 # Fills the unused front of a right-aligned stop sequence; matches any token.
@@ -207,7 +208,9 @@ def cache_lengths(width: int, max_new_tokens: int, growth: float | None,
     return [full]
   lengths, size = [], width
   while size < full:
-    size = min(full, max(size + 1, round_up(math.ceil(size * growth), bucket)))
+    grown = max(size + 1, round_up(math.ceil(size * growth), bucket))
+    # A last step smaller than this one is taken now: one compile and one copy fewer.
+    size = full if full - grown < grown - size else grown
     lengths.append(size)
   return lengths or [full]
 
@@ -231,18 +234,22 @@ class Generator:
   (`layers.dense`): 2-3x faster matmuls on XLA:CPU at batch 8 (BENCHMARKS.md). Default (None):
   on when JAX's backend is the CPU, the only one it was measured on.
 
-  `merge_lora` (default: with `unstack_layers`) folds LoRA adapters into their kernels in that
-  copy (`Linear.merge_lora`, as PEFT's merge does): each projection is one matmul per step
-  instead of three (15% faster decoding of a rank-128 adapter at the bench shapes on a CPU,
-  BENCHMARKS.md); the logits differ from the unmerged model's by rounding only.
+  `merge_lora` folds LoRA adapters into the kernels of that copy (`Linear.merge_lora`, as
+  PEFT's merge does): each projection is one matmul per step instead of three (12-19% faster
+  decoding of a rank-128 adapter at the bench shapes on a CPU, BENCHMARKS.md). Default (None):
+  with `unstack_layers`, when every adapted kernel is stored and computed at least as wide as
+  its adapter (`Linear.merge_keeps_precision`; fp32 models); not with bf16 base weights, which
+  would round small adapter updates away (the separate branch keeps them).
 
   `cache_growth` (default 2): the KV cache starts with room for `cache_growth` x the prompt
   bucket and grows by that factor whenever it is full (`cache_lengths`), so that a step's
   attention reads at most ~`cache_growth` x the slots in use. Every step attends over the whole
   cache; sized for `max_new_tokens` at once (None), a call with the reference protocol's
-  `max_new_tokens=2048` whose answers end after a few hundred tokens reads ~2700 slots per step
-  and decodes at less than half the speed (BENCHMARKS.md). Each size is its own compiled loop
-  (traced when first reached); between sizes the host checks once whether every row has ended.
+  `max_new_tokens=2048` reads prompt + 2047 slots per step however early its answers end (at
+  the bench shapes, rows ending after 64 tokens decoded 1.9-2.1x slower, BENCHMARKS.md). Each
+  size is its own compiled loop (traced when first reached); between sizes the host checks
+  once whether every row has ended. While the cache grows, the old and the new one are both
+  held (at most ~2x the memory of the cache allocated at once).
   """
 
   def __init__(self, model: EmolaModel, *, length_bucket: int = 64,
@@ -256,7 +263,10 @@ class Generator:
                        "cache at once)")
     if transpose_kernels is None:
       transpose_kernels = unstack_layers and jax.default_backend() == "cpu"
-    merge_lora = unstack_layers if merge_lora is None else merge_lora
+    if merge_lora is None:
+      merge_lora = unstack_layers and all(
+          m.merge_keeps_precision for _, m in nnx.iter_modules(model.language_model)
+          if isinstance(m, Linear))
     for name, value in (("transpose_kernels", transpose_kernels), ("merge_lora", merge_lora)):
       if value and not unstack_layers:
         raise ValueError(f"generate: {name}=True needs unstack_layers=True (it changes the "
@@ -270,10 +280,10 @@ class Generator:
     self.cache_growth = cache_growth
     self.refresh(model)
     self.num_traces = 0
-    static = ("max_new_tokens", "cache_len", "do_sample", "return_logits")
-    self._start = jax.jit(self._prefill_and_decode, static_argnames=static)
+    self._start = jax.jit(self._prefill_and_decode, static_argnames=(
+        "max_new_tokens", "cache_len", "do_sample", "return_logits"))
     # The carry's buffers (tokens, lengths, logits, ...) are reused; the cache is re-allocated.
-    self._resume = jax.jit(self._grow_and_decode, static_argnames=static,
+    self._resume = jax.jit(self._grow_and_decode, static_argnames=("cache_len", "do_sample"),
                            donate_argnames=("carry",))
 
   def refresh(self, model: EmolaModel) -> None:
@@ -329,19 +339,21 @@ class Generator:
                        f"{self.config.image_token_index}) but pixel_values is None")
     lengths = cache_lengths(packed.input_ids.shape[1], max_new_tokens, self.cache_growth,
                             self.length_bucket)
-    static = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                  return_logits=return_logits)
+    do_sample = temperature > 0
     carry, cache, fixed = self._start(
         self._state, packed.input_ids, packed.attention_mask, packed.pixel_values,
         packed.prior_features, packed.active, jax.random.key(seed),
         np.float32(max(temperature, 1e-6)), np.float32(top_p), eos_array(eos_ids),
-        stop_sequence_array(stop_token_sequences), np.int32(pad_id), cache_len=lengths[0],
-        **static)
+        stop_sequence_array(stop_token_sequences), np.int32(pad_id),
+        max_new_tokens=max_new_tokens, cache_len=lengths[0], do_sample=do_sample,
+        return_logits=return_logits)
+    # A stage before the last ends with a full cache (its size is below prompt + budget - 1)
+    # or with every row ended.
     for cache_len in lengths[1:]:
-      if jax.device_get(carry["finished"].all() | (carry["step"] >= max_new_tokens)):
+      if jax.device_get(carry["finished"].all()):
         break
       carry, cache = self._resume(self._state, carry, cache, fixed, cache_len=cache_len,
-                                  **static)
+                                  do_sample=do_sample)
     out = jax.device_get({k: v for k, v in carry.items() if k not in ("window", "step")})
     b = packed.batch
     return GenerationOutput(tokens=out["tokens"][:b], lengths=out["lengths"][:b],
@@ -390,11 +402,9 @@ class Generator:
     carry["step"] = jnp.ones((), jnp.int32)
     return (*_decode_steps(lm, carry, cache, fixed, do_sample), fixed)
 
-  def _grow_and_decode(self, state, carry, cache, fixed, *, max_new_tokens: int, cache_len: int,
-                       do_sample: bool, return_logits: bool):
+  def _grow_and_decode(self, state, carry, cache, fixed, *, cache_len: int, do_sample: bool):
     """Jitted: the cache grown to `cache_len` slots, then decoding on until every row has ended
     or the cache is full again. Returns (carry, cache)."""
-    del max_new_tokens, return_logits  # static: part of the carry's shapes
     self.num_traces += 1
     lm = nnx.merge(self._graphdef, state).language_model
     return _decode_steps(lm, carry, cache.grow(cache_len), fixed, do_sample)
@@ -460,8 +470,10 @@ def generate(model: EmolaModel, input_ids, attention_mask=None, pixel_values=Non
              batch_buckets: Sequence[int] | None = None, **kwargs: Any) -> GenerationOutput:
   """`Generator(model, ...)(input_ids, ...)`, reusing one compiled Generator per model.
 
-  The model's current parameters are read on every call (so a model updated in place is seen).
-  Keyword arguments are those of `Generator.__call__`.
+  The model's current parameters are read on every call (so a model updated in place is seen):
+  each call remakes the Generator's decoding copy (unstacked, adapters merged), so keep a
+  `Generator` for many calls on unchanged weights. Keyword arguments are those of
+  `Generator.__call__`.
   """
   key = (length_bucket, tuple(batch_buckets) if batch_buckets else None)
   per_model = _GENERATORS.setdefault(model, {})

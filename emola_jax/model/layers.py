@@ -93,9 +93,20 @@ class Linear(nnx.Module):
           self.kernel[...].T, out_sharding=None if axes is None else tuple(reversed(axes)))
       self.transposed = True
 
+  @property
+  def merge_keeps_precision(self) -> bool:
+    """Whether `merge_lora` rounds no more than the separate branch: the kernel is stored and
+    computed at least as wide as the adapter. A bf16 kernel (EmoLA's frozen base weights)
+    would round every update below half a bf16 step of its weight away."""
+    if self.lora_a is None:
+      return True
+    bits = lambda dtype: jnp.finfo(dtype).bits
+    return min(bits(self.kernel.dtype), bits(self.dtype)) >= bits(self.lora_a.dtype)
+
   def merge_lora(self) -> None:
-    """Folds the LoRA branch into the kernel, W + scale * A @ B, and drops A and B (inference:
-    one matmul per call instead of three; the same function up to rounding)."""
+    """Folds the LoRA branch into the kernel, W + scale * A @ B (computed in fp32, stored in the
+    kernel's dtype), and drops A and B: one matmul per call instead of three (inference; see
+    `merge_keeps_precision`)."""
     if self.lora_a is None:
       return
     a, b = (p[...].astype(jnp.float32) for p in (self.lora_a, self.lora_b))
