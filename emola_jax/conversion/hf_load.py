@@ -191,13 +191,15 @@ def _read_param(row: hf_mapping.Row, shape: tuple[int, ...], dtype,
 
 
 def build_module(make_module, sources: list[tuple[Any, hf_mapping.Layout]], dtype, fresh_ok,
-                 seed: int, allowed_unused=lambda key: False):
+                 seed: int, allowed_unused=lambda key: False, host_arrays: bool = False):
   """Builds `make_module(rngs)` with its parameters read from `sources` (first match wins).
 
   A source is a `SafetensorsCheckpoint` or anything with its interface (`keys`, `in`, `get`,
   `where`, `directory`), e.g. `torch_bin.TorchCheckpoint`.
   Parameters no source holds must satisfy `fresh_ok(name)`; they are initialised from `seed`.
-  Every source key must be used (or be an ignorable buffer / `allowed_unused`).
+  Every source key must be used (or be an ignorable buffer / `allowed_unused`). `host_arrays`
+  keeps the parameters read from `sources` as numpy arrays in host memory (see
+  `load_pretrained`).
   """
   graphdef, state = nnx.split(nnx.eval_shape(lambda: make_module(nnx.Rngs(seed))))
   flat = dict(nnx.to_flat_state(state))
@@ -208,7 +210,8 @@ def build_module(make_module, sources: list[tuple[Any, hf_mapping.Layout]], dtyp
     row = hf_mapping.BY_OURS.get(name)
     value = None if row is None else _read_param(row, tuple(var.shape), dtype, sources, used)
     if value is not None:
-      flat[path] = var.replace(jax.device_put(value))  # adopts the aligned buffer on CPU
+      # device_put adopts the aligned buffer on CPU.
+      flat[path] = var.replace(value if host_arrays else jax.device_put(value))
     elif fresh_ok(name):
       fresh.append(path)
     else:
@@ -234,7 +237,7 @@ def _is_fresh_ok(name: str) -> bool:
 
 
 def load_pretrained(path: str, *, vision_path: str | None = None, seed: int = 0,
-                    **overrides) -> tuple[nnx.Module, Any]:
+                    host_arrays: bool = False, **overrides) -> tuple[nnx.Module, Any]:
   """Loads a `transformers` checkpoint directory; returns (model, config).
 
   `path` may hold a `LlavaForConditionalGeneration` (-> `EmolaModel`, `EmolaConfig`), a
@@ -243,6 +246,10 @@ def load_pretrained(path: str, *, vision_path: str | None = None, seed: int = 0,
   files. For a LLaMA directory, `vision_path` (a CLIP directory) composes a full EmolaModel whose
   projectors start fresh, as for LLaVA stage-1 pre-training. `overrides` change model config
   fields (for LLaVA: e.g. `prior_position="after"`, `dtype="bfloat16"`, `lora={"rank": 8}`).
+  `host_arrays`: the parameters read from the checkpoint stay numpy arrays in host memory, for a
+  caller that places them on a mesh itself (the trainer: `mesh.place` copies each device's
+  slices only), instead of landing whole on JAX's default device (a 7B model in fp32 would
+  need 28 GB on one accelerator before being sharded).
   """
   hf = read_json(os.path.join(path, "config.json"))
   model_type = hf.get("model_type")
@@ -262,7 +269,7 @@ def load_pretrained(path: str, *, vision_path: str | None = None, seed: int = 0,
                             f"token ({EMOLA_CONFIG_KEY}.prior_position); copy the file or "
                             "re-export the checkpoint")
     model = build_module(lambda r: EmolaModel(cfg, rngs=r), sources, cfg.param_dtype,
-                         _is_fresh_ok, seed)
+                         _is_fresh_ok, seed, host_arrays=host_arrays)
     return model, cfg
   if model_type in ("clip_vision_model", "clip"):
     v = hf.get("vision_config", hf) if model_type == "clip" else hf
@@ -274,7 +281,7 @@ def load_pretrained(path: str, *, vision_path: str | None = None, seed: int = 0,
                          [(checkpoint, _only(layout, "vision"))], dtype, lambda _: False, seed,
                          allowed_unused=lambda k: k.startswith((
                              "text_model.", "visual_projection.", "text_projection.",
-                             "logit_scale")))
+                             "logit_scale")), host_arrays=host_arrays)
     return model.vision_tower, vcfg
   if model_type == "llama":
     tcfg = text_config_from_hf(hf)
@@ -287,7 +294,8 @@ def load_pretrained(path: str, *, vision_path: str | None = None, seed: int = 0,
       sources = [(checkpoint, _only(layout, "text", "lm_head")),
                  (vision_ckpt, _only(hf_mapping.find_layout(vision_ckpt.keys()), "vision"))]
       fresh = lambda name: _is_fresh_ok(name) or name.startswith("projector.")
-      model = build_module(lambda r: EmolaModel(cfg, rngs=r), sources, cfg.param_dtype, fresh, seed)
+      model = build_module(lambda r: EmolaModel(cfg, rngs=r), sources, cfg.param_dtype, fresh, seed,
+                           host_arrays=host_arrays)
       return model, cfg
     lora = LoraConfig(**overrides.pop("lora", {}))
     dtype = overrides.pop("param_dtype", "float32")
@@ -295,7 +303,7 @@ def load_pretrained(path: str, *, vision_path: str | None = None, seed: int = 0,
     model = build_module(lambda r: _Holder(language_model=LlamaForCausalLM(
                              tcfg, lora, param_dtype=jnp.dtype(dtype), rngs=r, **kwargs)),
                          [(checkpoint, _only(layout, "text", "lm_head"))], dtype,
-                         lambda n: ".lora_" in n, seed)
+                         lambda n: ".lora_" in n, seed, host_arrays=host_arrays)
     return model.language_model, tcfg
   raise CheckpointError(f"{path}/config.json: model_type {model_type!r} is not one of llava, "
                         "clip_vision_model, clip, llama")

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from absl import logging
@@ -132,15 +133,28 @@ def init_subset(make_module: Callable[[nnx.Rngs], nnx.Module], seed: int,
   return init() if paths else {}
 
 
-def load_native(path: str, *, seed: int = 0, **overrides: Any) -> tuple[EmolaModel, EmolaConfig]:
-  """Restores a native checkpoint; `overrides` (dotted names allowed) change the model config."""
+def load_native(path: str, *, seed: int = 0, host_arrays: bool = False,
+                **overrides: Any) -> tuple[EmolaModel, EmolaConfig]:
+  """Restores a native checkpoint; `overrides` (dotted names allowed) change the model config.
+
+  `host_arrays`: the restored parameters stay numpy arrays in host memory (for a caller that
+  places them on a mesh itself, e.g. the trainer: `mesh.place` copies each device's slices
+  only), instead of landing whole on JAX's default device.
+  """
   saved_config = read_config(path)
   params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
   abstract = nnx.eval_shape(lambda: EmolaModel(saved_config, rngs=nnx.Rngs(0)))
   saved_abstract = nnx.state(abstract, nnx.Param)
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      saved = checkpointer.restore(params_dir, saved_abstract)
+    if host_arrays:
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                  saved_abstract)
+      with ocp.PyTreeCheckpointer() as checkpointer:
+        saved = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
+            item=saved_abstract, restore_args=restore_args))
+    else:
+      with ocp.StandardCheckpointer() as checkpointer:
+        saved = checkpointer.restore(params_dir, saved_abstract)
   except (FileNotFoundError, ValueError, KeyError) as e:
     raise CheckpointError(f"{params_dir}: cannot restore the parameters ({e})") from None
   config = saved_config.replace(**overrides) if overrides else saved_config
@@ -148,14 +162,17 @@ def load_native(path: str, *, seed: int = 0, **overrides: Any) -> tuple[EmolaMod
     graphdef, _, rest = nnx.split(nnx.eval_shape(lambda: EmolaModel(config, rngs=nnx.Rngs(0))),
                                   nnx.Param, ...)
     return nnx.merge(graphdef, saved, rest), config
-  return transplant(dict(nnx.to_flat_state(saved)), config, seed=seed), config
+  return transplant(dict(nnx.to_flat_state(saved)), config, seed=seed,
+                    host_arrays=host_arrays), config
 
 
-def transplant(params: dict[tuple, Any], config: EmolaConfig, *, seed: int = 0) -> EmolaModel:
+def transplant(params: dict[tuple, Any], config: EmolaConfig, *, seed: int = 0,
+               host_arrays: bool = False) -> EmolaModel:
   """A model of `config` holding `params` where path and shape fit; the rest initialised fresh.
 
-  Values are cast to the config's `param_dtype`. A saved parameter the new config has no place
-  for (e.g. a prior projector when `prior_position="none"`) is an error, never silently dropped.
+  Values are cast to the config's `param_dtype` (kept as host numpy arrays with `host_arrays`).
+  A saved parameter the new config has no place for (e.g. a prior projector when
+  `prior_position="none"`) is an error, never silently dropped.
   """
   make = lambda rngs: EmolaModel(config, rngs=rngs)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(seed))))
@@ -173,7 +190,7 @@ def transplant(params: dict[tuple, Any], config: EmolaConfig, *, seed: int = 0) 
       if tuple(value.shape) != tuple(var.shape):
         raise CheckpointError(f"saved parameter {'.'.join(map(str, path))} has shape "
                               f"{tuple(value.shape)}, the model config needs {tuple(var.shape)}")
-      flat[path] = var.replace(jnp.asarray(value, dtype))
+      flat[path] = var.replace((np.asarray if host_arrays else jnp.asarray)(value, dtype))
     elif isinstance(var, nnx.Param):
       fresh.add(path)
   for path, value in init_subset(make, seed, fresh).items():

@@ -44,15 +44,20 @@ class NonFiniteLossError(RuntimeError):
 
 
 def build_model(config: ml_collections.ConfigDict) -> tuple[EmolaModel, EmolaConfig]:
-  """`config.init_from` loaded with the training-side fields of `config.model`."""
+  """`config.init_from` loaded with the training-side fields of `config.model`.
+
+  The loaded weights stay in host memory (`host_arrays`) until `build_split` places them: each
+  device then receives its own slices, never the whole model.
+  """
   cfg = experiment.model_config(config)
   overrides = {f: getattr(cfg, f) for f in experiment.TRAINING_MODEL_FIELDS}
   path = config.init_from
   if native.is_native_checkpoint(path):
-    return native.load_native(path, seed=config.train.seed, **overrides)
+    return native.load_native(path, seed=config.train.seed, host_arrays=True, **overrides)
   if os.path.isfile(os.path.join(path, "config.json")):
     overrides["lora"] = dataclasses.asdict(cfg.lora)
-    model, loaded = hf_load.load_pretrained(path, seed=config.train.seed, **overrides)
+    model, loaded = hf_load.load_pretrained(path, seed=config.train.seed, host_arrays=True,
+                                            **overrides)
     if not isinstance(model, EmolaModel):
       raise ValueError(f"--config.init_from={path} is not a LLaVA/EmoLA checkpoint")
     return model, loaded
